@@ -1,0 +1,4 @@
+//! One module per `chatctl` subcommand.
+
+pub mod keys;
+pub mod release;

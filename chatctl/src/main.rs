@@ -1,0 +1,61 @@
+//! chatctl: the ChatApp operator CLI.
+//!
+//! Parses the command line (clap), runs the subcommand, and turns errors into one readable
+//! message on stderr and an exit status: 0 success, 1 refused or failed, 2 usage error.
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod files;
+mod passphrase;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chatctl",
+    version,
+    about = "Operate ChatApp: keys, signed client releases, servers and clusters.",
+    after_help = "Start here:\n  \
+        chatctl keys init           create the release, directory, TLS and data-at-rest keys\n  \
+        chatctl sign --version 1.0.0 DIR   sign a client bundle (minisign-compatible)\n  \
+        chatctl verify DIR          check a signed bundle as a client would\n\n\
+        Run `chatctl <command> --help` for examples."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create and show keys (release signing, key directory, TLS, data at rest).
+    #[command(subcommand)]
+    Keys(cmd::keys::KeysCommand),
+    /// Sign a client bundle directory: writes manifest.json and manifest.json.minisig.
+    Sign(cmd::release::SignArgs),
+    /// Verify a signed bundle directory: signature, expiry, version and every file.
+    Verify(cmd::release::VerifyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keys(cmd) => cmd::keys::run(cmd),
+        Command::Sign(args) => cmd::release::run_sign(args),
+        Command::Verify(args) => cmd::release::run_verify(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(refused) = err.downcast_ref::<cmd::release::Refused>() {
+                eprintln!("chatctl: refused: {refused}");
+            } else {
+                eprintln!("chatctl: error: {err:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
