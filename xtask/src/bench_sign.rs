@@ -113,7 +113,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "{START}\nCommand: `cargo xtask bench-sign --size-mb {size_mb} --runs {runs}` \
          ({file_count} files of {per} KiB for chatctl, one {mb:.0} MiB file for {minisign_version}; \
          medians of {runs} interleaved runs, page cache warm).\n\n\
-         | operation | chatctl (tree) | minisign CLI (one file) | chatctl / minisign |\n\
+         | operation | chatctl (tree) | minisign CLI (one file) | time ratio chatctl / minisign (below 1 = chatctl faster) |\n\
          |---|---|---|---|\n\
          | sign | {:.0} ms ({:.0} MiB/s) | {:.0} ms ({:.0} MiB/s) | {:.2}x |\n\
          | verify | {:.0} ms ({:.0} MiB/s) | {:.0} ms ({:.0} MiB/s) | {:.2}x |\n\
