@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod directory;
 pub mod wire;
 pub mod group;
 pub mod identity;
