@@ -80,11 +80,20 @@ pub struct OneTimePrekey {
 }
 
 /// The public keys of one device, as handed out in a `Bundle` frame.
+///
+/// `identity_signature` is the Ed25519 signature by `identity_ed25519` over
+/// `"ChatApp_IdentityDH_v1" || identity_x25519` that binds the two identity keys. Wherever the
+/// three fields travel together (`Register`, `DeviceBundle`, `DirectoryLeaf`, `PreKeyMessage`),
+/// `[1] || ed25519 || x25519 || signature` is exactly the 129-byte encoding of
+/// [`crate::identity::IdentityPublic`], whose `decode` checks the binding. The codec here does
+/// not verify it: decoding stays a pure byte-format check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceBundle {
     pub device_id: u32,
     pub identity_ed25519: [u8; 32],
     pub identity_x25519: [u8; 32],
+    /// Ed25519 signature by `identity_ed25519` binding `identity_x25519`, see [`DeviceBundle`].
+    pub identity_signature: [u8; 64],
     pub signed_prekey: SignedPrekey,
     /// `None` when the device has run out of one-time prekeys.
     pub one_time_prekey: Option<OneTimePrekey>,
@@ -94,6 +103,11 @@ pub struct DeviceBundle {
 
 /// Every frame a client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "`Register` (~280 bytes of inline keys) is rare and frames are handled one at a \
+              time, never stored in bulk; boxing would cost an allocation and clumsier matching"
+)]
 pub enum ClientFrame {
     /// The first frame of every connection.
     Hello {
@@ -106,6 +120,8 @@ pub enum ClientFrame {
         device_id: u32,
         identity_ed25519: [u8; 32],
         identity_x25519: [u8; 32],
+        /// Ed25519 signature by `identity_ed25519` over `identity_x25519`, see [`DeviceBundle`].
+        identity_signature: [u8; 64],
         signed_prekey: SignedPrekey,
         one_time_prekeys: Vec<OneTimePrekey>,
     },
@@ -457,6 +473,8 @@ pub struct DirectoryLeaf {
     pub device_id: u32,
     pub identity_ed25519: [u8; 32],
     pub identity_x25519: [u8; 32],
+    /// Ed25519 signature by `identity_ed25519` over `identity_x25519`, see [`DeviceBundle`].
+    pub identity_signature: [u8; 64],
     pub signed_prekey_id: u32,
     pub signed_prekey_public: [u8; 32],
     pub signed_prekey_signature: [u8; 64],
@@ -467,7 +485,8 @@ pub struct DirectoryLeaf {
 }
 
 impl DirectoryLeaf {
-    /// `[1][username][device_id][ed25519][x25519][spk id][spk public][spk signature][version][timestamp]`.
+    /// `[1][username][device_id][ed25519][x25519][identity signature][spk id][spk public]
+    /// [spk signature][version][timestamp]`: 253 bytes plus the username.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(256);
         w.u8(DIRECTORY_LEAF_VERSION)
@@ -475,6 +494,7 @@ impl DirectoryLeaf {
             .u32(self.device_id)
             .fixed(&self.identity_ed25519)
             .fixed(&self.identity_x25519)
+            .fixed(&self.identity_signature)
             .u32(self.signed_prekey_id)
             .fixed(&self.signed_prekey_public)
             .fixed(&self.signed_prekey_signature)
@@ -510,6 +530,7 @@ impl DirectoryLeaf {
             device_id: r.u32()?,
             identity_ed25519: r.array()?,
             identity_x25519: r.array()?,
+            identity_signature: r.array()?,
             signed_prekey_id: r.u32()?,
             signed_prekey_public: r.array()?,
             signed_prekey_signature: r.array()?,
@@ -529,6 +550,8 @@ pub enum Envelope {
     PreKeyMessage {
         sender_identity_ed25519: [u8; 32],
         sender_identity_x25519: [u8; 32],
+        /// Ed25519 signature by the sender's identity key over its X25519 key, see [`DeviceBundle`].
+        sender_identity_signature: [u8; 64],
         ephemeral_x25519: [u8; 32],
         signed_prekey_id: u32,
         one_time_prekey_id: Option<u32>,
@@ -555,6 +578,7 @@ impl Envelope {
             Self::PreKeyMessage {
                 sender_identity_ed25519,
                 sender_identity_x25519,
+                sender_identity_signature,
                 ephemeral_x25519,
                 signed_prekey_id,
                 one_time_prekey_id,
@@ -563,6 +587,7 @@ impl Envelope {
                 w.u8(Self::TAG_PREKEY)
                     .fixed(sender_identity_ed25519)
                     .fixed(sender_identity_x25519)
+                    .fixed(sender_identity_signature)
                     .fixed(ephemeral_x25519)
                     .u32(*signed_prekey_id);
                 write_opt_u32(&mut w, *one_time_prekey_id);
@@ -604,6 +629,7 @@ impl Envelope {
             Self::TAG_PREKEY => Self::PreKeyMessage {
                 sender_identity_ed25519: r.array()?,
                 sender_identity_x25519: r.array()?,
+                sender_identity_signature: r.array()?,
                 ephemeral_x25519: r.array()?,
                 signed_prekey_id: r.u32()?,
                 one_time_prekey_id: read_opt_u32(&mut r)?,
@@ -729,13 +755,15 @@ impl ClientFrame {
                 device_id,
                 identity_ed25519,
                 identity_x25519,
+                identity_signature,
                 signed_prekey,
                 one_time_prekeys,
             } => {
                 w.str(username)
                     .u32(*device_id)
                     .fixed(identity_ed25519)
-                    .fixed(identity_x25519);
+                    .fixed(identity_x25519)
+                    .fixed(identity_signature);
                 write_signed_prekey(&mut w, signed_prekey);
                 write_one_time_prekeys(&mut w, one_time_prekeys);
             }
@@ -813,6 +841,7 @@ impl ClientFrame {
                 device_id: r.u32()?,
                 identity_ed25519: r.array()?,
                 identity_x25519: r.array()?,
+                identity_signature: r.array()?,
                 signed_prekey: read_signed_prekey(&mut r)?,
                 one_time_prekeys: read_one_time_prekeys(&mut r)?,
             },
@@ -1266,7 +1295,8 @@ fn read_one_time_prekeys(r: &mut Reader<'_>) -> Result<Vec<OneTimePrekey>, Decod
 fn write_device_bundle(w: &mut Writer, device: &DeviceBundle) {
     w.u32(device.device_id)
         .fixed(&device.identity_ed25519)
-        .fixed(&device.identity_x25519);
+        .fixed(&device.identity_x25519)
+        .fixed(&device.identity_signature);
     write_signed_prekey(w, &device.signed_prekey);
     match &device.one_time_prekey {
         Some(otk) => w.u8(1).u32(otk.id).fixed(&otk.public),
@@ -1280,6 +1310,7 @@ fn read_device_bundle(r: &mut Reader<'_>) -> Result<DeviceBundle, DecodeError> {
         device_id: r.u32()?,
         identity_ed25519: r.array()?,
         identity_x25519: r.array()?,
+        identity_signature: r.array()?,
         signed_prekey: read_signed_prekey(r)?,
         one_time_prekey: if r.bool()? {
             Some(OneTimePrekey {
@@ -1335,6 +1366,7 @@ mod tests {
             device_id: 1,
             identity_ed25519: [4; 32],
             identity_x25519: [5; 32],
+            identity_signature: [6; 64],
             signed_prekey: spk(),
             one_time_prekey,
             leaf_index: 9,
@@ -1347,6 +1379,7 @@ mod tests {
             device_id: 1,
             identity_ed25519: [1; 32],
             identity_x25519: [2; 32],
+            identity_signature: [6; 64],
             signed_prekey_id: 3,
             signed_prekey_public: [4; 32],
             signed_prekey_signature: [5; 64],
@@ -1366,6 +1399,7 @@ mod tests {
                 device_id: 1,
                 identity_ed25519: [1; 32],
                 identity_x25519: [2; 32],
+                identity_signature: [3; 64],
                 signed_prekey: spk(),
                 one_time_prekeys: otks(3),
             },
@@ -1493,6 +1527,7 @@ mod tests {
             Envelope::PreKeyMessage {
                 sender_identity_ed25519: [1; 32],
                 sender_identity_x25519: [2; 32],
+                sender_identity_signature: [11; 64],
                 ephemeral_x25519: [3; 32],
                 signed_prekey_id: 4,
                 one_time_prekey_id: Some(5),
@@ -1501,6 +1536,7 @@ mod tests {
             Envelope::PreKeyMessage {
                 sender_identity_ed25519: [1; 32],
                 sender_identity_x25519: [2; 32],
+                sender_identity_signature: [11; 64],
                 ephemeral_x25519: [3; 32],
                 signed_prekey_id: 4,
                 one_time_prekey_id: None,
@@ -1911,6 +1947,7 @@ mod tests {
                 device_id: 0,
                 identity_ed25519: [0; 32],
                 identity_x25519: [0; 32],
+                identity_signature: [0; 64],
                 signed_prekey: spk(),
                 one_time_prekeys: otks(MAX_ONE_TIME_PREKEYS_PER_FRAME),
             }
@@ -2060,13 +2097,55 @@ mod tests {
     }
 
     #[test]
-    fn directory_leaf_is_189_bytes_plus_the_username() {
+    fn directory_leaf_is_253_bytes_plus_the_username() {
         let mut shortest = leaf();
         shortest.username = "abc".into();
-        assert_eq!(shortest.encode().len(), 192);
+        assert_eq!(shortest.encode().len(), 256);
         let mut longest = leaf();
         longest.username = "a".repeat(USERNAME_MAX_LEN);
-        assert_eq!(longest.encode().len(), 221);
+        assert_eq!(longest.encode().len(), 285);
+    }
+
+    /// The wire's identity fields are the parts of an `IdentityPublic` as identity.rs makes it.
+    #[test]
+    fn identity_fields_carry_an_identity_that_verifies() {
+        use crate::identity::{IDENTITY_PUBLIC_VERSION, IdentityKeyPair, IdentityPublic, KeyError};
+
+        let encoded = IdentityKeyPair::generate(&mut rand_core::OsRng)
+            .public()
+            .encode();
+        assert_eq!(encoded.len(), IdentityPublic::ENCODED_LEN);
+        assert_eq!(encoded.len(), 1 + 32 + 32 + 64);
+        let mut bundle = device(None);
+        bundle.identity_ed25519.copy_from_slice(&encoded[1..33]);
+        bundle.identity_x25519.copy_from_slice(&encoded[33..65]);
+        bundle.identity_signature.copy_from_slice(&encoded[65..]);
+        let frame = ServerFrame::Bundle {
+            request_id: 1,
+            username: "bob".into(),
+            devices: vec![bundle],
+        };
+        let Ok(ServerFrame::Bundle { devices, .. }) = ServerFrame::decode(&frame.encode()) else {
+            panic!("bundle does not round-trip");
+        };
+        let d = &devices[0];
+        let parts = |x25519: &[u8; 32]| {
+            [
+                &[IDENTITY_PUBLIC_VERSION][..],
+                &d.identity_ed25519,
+                x25519,
+                &d.identity_signature,
+            ]
+            .concat()
+        };
+        assert_eq!(parts(&d.identity_x25519), encoded);
+        assert!(IdentityPublic::decode(&parts(&d.identity_x25519)).is_ok());
+        let mut other_x25519 = d.identity_x25519;
+        other_x25519[0] ^= 1;
+        assert_eq!(
+            IdentityPublic::decode(&parts(&other_x25519)),
+            Err(KeyError::BadIdentitySignature)
+        );
     }
 
     #[test]

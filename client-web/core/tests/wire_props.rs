@@ -57,6 +57,7 @@ fn device_bundle() -> impl Strategy<Value = DeviceBundle> {
         any::<u32>(),
         any::<[u8; 32]>(),
         any::<[u8; 32]>(),
+        signature(),
         signed_prekey(),
         proptest::option::of(one_time_prekey()),
         any::<u64>(),
@@ -66,6 +67,7 @@ fn device_bundle() -> impl Strategy<Value = DeviceBundle> {
                 device_id,
                 identity_ed25519,
                 identity_x25519,
+                identity_signature,
                 signed_prekey,
                 one_time_prekey,
                 leaf_index,
@@ -74,6 +76,7 @@ fn device_bundle() -> impl Strategy<Value = DeviceBundle> {
                     device_id,
                     identity_ed25519,
                     identity_x25519,
+                    identity_signature,
                     signed_prekey,
                     one_time_prekey,
                     leaf_index,
@@ -95,6 +98,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             any::<u32>(),
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
+            signature(),
             signed_prekey(),
             one_time_prekeys()
         )
@@ -104,6 +108,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
                     device_id,
                     identity_ed25519,
                     identity_x25519,
+                    identity_signature,
                     signed_prekey,
                     one_time_prekeys,
                 )| {
@@ -112,6 +117,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
                         device_id,
                         identity_ed25519,
                         identity_x25519,
+                        identity_signature,
                         signed_prekey,
                         one_time_prekeys,
                     }
@@ -289,6 +295,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         (
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
+            signature(),
             any::<[u8; 32]>(),
             any::<u32>(),
             proptest::option::of(any::<u32>()),
@@ -298,6 +305,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 |(
                     sender_identity_ed25519,
                     sender_identity_x25519,
+                    sender_identity_signature,
                     ephemeral_x25519,
                     signed_prekey_id,
                     one_time_prekey_id,
@@ -305,6 +313,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 )| Envelope::PreKeyMessage {
                     sender_identity_ed25519,
                     sender_identity_x25519,
+                    sender_identity_signature,
                     ephemeral_x25519,
                     signed_prekey_id,
                     one_time_prekey_id,
@@ -326,6 +335,7 @@ fn directory_leaf() -> impl Strategy<Value = DirectoryLeaf> {
         any::<u32>(),
         any::<[u8; 32]>(),
         any::<[u8; 32]>(),
+        signature(),
         any::<u32>(),
         any::<[u8; 32]>(),
         signature(),
@@ -338,6 +348,7 @@ fn directory_leaf() -> impl Strategy<Value = DirectoryLeaf> {
                 device_id,
                 identity_ed25519,
                 identity_x25519,
+                identity_signature,
                 signed_prekey_id,
                 signed_prekey_public,
                 signed_prekey_signature,
@@ -348,6 +359,7 @@ fn directory_leaf() -> impl Strategy<Value = DirectoryLeaf> {
                 device_id,
                 identity_ed25519,
                 identity_x25519,
+                identity_signature,
                 signed_prekey_id,
                 signed_prekey_public,
                 signed_prekey_signature,
