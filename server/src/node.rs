@@ -1,0 +1,882 @@
+//! The state of one server and the handling of every client frame, independent of the socket.
+//!
+//! A [`Session`] is one connection's protocol state (hello, login challenge, authenticated
+//! device); [`Node::handle`] takes a decoded `ClientFrame` and returns the `ServerFrame`s to
+//! send back. Delivery of mailbox contents is pushed separately by the WebSocket layer, woken
+//! through the [`Hub`].
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chat_core::codec::{DecodeError, Reader, Writer};
+use chat_core::identity::{IdentityPublic, SignedPreKey};
+use chat_core::wire::{
+    ClientFrame, DeviceBundle, DirectoryLeaf, ErrorCode, ErrorScope, MAX_LEAVES_PER_FRAME,
+    MessageId, OneTimePrekey, PROTOCOL_VERSION, ServerFrame, SignedPrekey, login_challenge_message,
+    validate_username,
+};
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use rand_core::{OsRng, RngCore};
+use tokio::sync::{Notify, watch};
+
+use crate::accounts::{AccountRecord, DeviceRecord};
+use crate::bundle::Bundle;
+use crate::config::ServerConfig;
+use crate::directory::{Directory, unix_now};
+use crate::metrics::Metrics;
+use crate::store::{MailboxId, Store, StoreError};
+
+/// Wakes the delivery loop of a device when its mailbox receives an envelope.
+#[derive(Debug, Default)]
+pub struct Hub {
+    waiters: Mutex<HashMap<MailboxId, Arc<Notify>>>,
+}
+
+impl Hub {
+    /// The notifier of a mailbox (created on first use).
+    pub fn subscribe(&self, mailbox: &MailboxId) -> Arc<Notify> {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        waiters.entry(mailbox.clone()).or_default().clone()
+    }
+
+    /// Drops the notifier when no session holds it any more.
+    pub fn release(&self, mailbox: &MailboxId) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if waiters
+            .get(mailbox)
+            .is_some_and(|n| Arc::strong_count(n) <= 1)
+        {
+            waiters.remove(mailbox);
+        }
+    }
+
+    pub fn notify(&self, mailbox: &MailboxId) {
+        let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = waiters.get(mailbox) {
+            n.notify_one();
+        }
+    }
+}
+
+/// What is stored in a mailbox per envelope: what `Deliver` needs besides the sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxRecord {
+    pub from_user: String,
+    pub from_device: u32,
+    pub server_time: u64,
+    pub envelope: Vec<u8>,
+}
+
+impl MailboxRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(self.envelope.len() + self.from_user.len() + 24);
+        w.u8(1)
+            .str(&self.from_user)
+            .u32(self.from_device)
+            .u64(self.server_time)
+            .bytes(&self.envelope);
+        w.into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let version = r.u8()?;
+        if version != 1 {
+            return Err(DecodeError::UnsupportedVersion {
+                what: "mailbox record",
+                version,
+            });
+        }
+        let record = Self {
+            from_user: r.str(chat_core::wire::MAX_USERNAME_BYTES)?.to_owned(),
+            from_device: r.u32()?,
+            server_time: r.u64()?,
+            envelope: r.bytes(chat_core::wire::MAX_ENVELOPE_BYTES)?.to_vec(),
+        };
+        r.finish()?;
+        Ok(record)
+    }
+}
+
+/// Per-address registration counter (fixed one-minute windows).
+#[derive(Debug, Default)]
+struct RateLimiter {
+    windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl RateLimiter {
+    fn allow(&self, addr: IpAddr, per_minute: u32) -> bool {
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if windows.len() > 100_000 {
+            windows.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
+        }
+        let entry = windows.entry(addr).or_insert((now, 0));
+        if now.duration_since(entry.0) >= Duration::from_secs(60) {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= per_minute
+    }
+}
+
+/// Everything one server process shares between connections.
+pub struct Node {
+    pub config: ServerConfig,
+    pub store: Arc<dyn Store>,
+    pub directory: Directory,
+    pub metrics: Metrics,
+    pub hub: Hub,
+    pub bundle: Option<Bundle>,
+    draining: AtomicBool,
+    /// Flips to `true` when the server shuts down or drains: sessions close with `Reconnect`.
+    pub shutdown: watch::Sender<bool>,
+    registrations: RateLimiter,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves once `rx` reads `true` (the guard of the watch value is dropped before returning,
+/// so the future stays `Send`).
+pub async fn flipped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await.map(|_| ());
+}
+
+/// Where a connection is in the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// Waiting for `Hello`.
+    New,
+    /// `Hello` received; may register or log in.
+    Greeted,
+    /// A login challenge is outstanding.
+    Challenged {
+        username: String,
+        device_id: u32,
+        nonce: [u8; 32],
+        expires: Instant,
+    },
+    /// Logged in as this device.
+    Authenticated { username: String, device_id: u32 },
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    pub peer: IpAddr,
+    pub state: SessionState,
+    /// Set when the session just became authenticated; the transport starts delivery.
+    pub start_delivery: Option<MailboxId>,
+}
+
+impl Session {
+    pub fn new(peer: IpAddr) -> Self {
+        Self {
+            peer,
+            state: SessionState::New,
+            start_delivery: None,
+        }
+    }
+
+    pub fn authenticated(&self) -> Option<(&str, u32)> {
+        match &self.state {
+            SessionState::Authenticated {
+                username,
+                device_id,
+            } => Some((username, *device_id)),
+            _ => None,
+        }
+    }
+}
+
+fn err(scope: ErrorScope, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    ServerFrame::error(scope, code, message)
+}
+
+const CONN: ErrorScope = ErrorScope::Connection;
+
+impl Node {
+    pub fn new(config: ServerConfig, store: Arc<dyn Store>, directory: Directory) -> Self {
+        let bundle = config.bundle_dir.clone().map(Bundle::new);
+        Self {
+            config,
+            store,
+            directory,
+            metrics: Metrics::default(),
+            hub: Hub::default(),
+            bundle,
+            draining: AtomicBool::new(false),
+            shutdown: watch::channel(false).0,
+            registrations: RateLimiter::default(),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// Stop taking new work and tell every session to close with the reconnect code.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Relaxed);
+        self.shutdown.send_replace(true);
+    }
+
+    async fn timed<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
+        let start = Instant::now();
+        let out = fut.await;
+        self.metrics.store_latency.observe(start.elapsed());
+        out
+    }
+
+    /// Handles one frame; returns the frames to send back in order.
+    pub async fn handle(&self, session: &mut Session, frame: ClientFrame) -> Vec<ServerFrame> {
+        let out = match frame {
+            ClientFrame::Hello {
+                protocol_version, ..
+            } => self.hello(session, protocol_version),
+            _ if session.state == SessionState::New => vec![err(
+                CONN,
+                ErrorCode::UnexpectedFrame,
+                "the first frame must be Hello",
+            )],
+            ClientFrame::Register {
+                username,
+                device_id,
+                identity_ed25519,
+                identity_x25519,
+                identity_signature,
+                signed_prekey,
+                one_time_prekeys,
+            } => {
+                let device = DeviceRecord {
+                    device_id,
+                    identity_ed25519,
+                    identity_x25519,
+                    identity_signature,
+                    signed_prekey,
+                    leaf_index: 0,
+                };
+                self.register(session, username, device, one_time_prekeys)
+                    .await
+            }
+            ClientFrame::Login {
+                username,
+                device_id,
+            } => self.login(session, username, device_id).await,
+            ClientFrame::LoginProof { signature } => self.login_proof(session, signature).await,
+            ClientFrame::UploadPrekeys { one_time_prekeys } => {
+                self.upload_prekeys(session, one_time_prekeys).await
+            }
+            ClientFrame::Send {
+                message_id,
+                to_user,
+                to_device,
+                envelope,
+            } => {
+                self.send(session, message_id, to_user, to_device, envelope)
+                    .await
+            }
+            ClientFrame::Ack { up_to_seq } => self.ack(session, up_to_seq).await,
+            ClientFrame::FetchBundle {
+                request_id,
+                username,
+            } => self.fetch_bundle(session, request_id, username).await,
+            ClientFrame::GetTreeHead {
+                request_id,
+                known_size,
+            } => self.tree_head(request_id, known_size).await,
+            ClientFrame::GetInclusion {
+                request_id,
+                username,
+                device_id,
+            } => self.inclusion(request_id, username, device_id).await,
+            ClientFrame::GetLeaves {
+                request_id,
+                start,
+                count,
+            } => self.get_leaves(request_id, start, count).await,
+            ClientFrame::Ping { nonce } => vec![ServerFrame::Pong { nonce }],
+        };
+        let errors = out
+            .iter()
+            .filter(|f| matches!(f, ServerFrame::Error { .. }))
+            .count();
+        self.metrics.errors_sent.fetch_add(errors as u64, Relaxed);
+        out
+    }
+
+    fn hello(&self, session: &mut Session, version: u8) -> Vec<ServerFrame> {
+        if version != PROTOCOL_VERSION {
+            return vec![err(
+                CONN,
+                ErrorCode::UnsupportedVersion,
+                format!("this server speaks protocol version {PROTOCOL_VERSION}"),
+            )];
+        }
+        if session.state == SessionState::New {
+            session.state = SessionState::Greeted;
+        }
+        vec![ServerFrame::ServerHello {
+            protocol_version: PROTOCOL_VERSION,
+            server_name: self.config.server_name.clone(),
+            max_envelope_bytes: self.config.limits.max_envelope_bytes,
+        }]
+    }
+
+    async fn register(
+        &self,
+        session: &mut Session,
+        username: String,
+        device: DeviceRecord,
+        prekeys: Vec<OneTimePrekey>,
+    ) -> Vec<ServerFrame> {
+        if let Err(e) = validate_username(&username) {
+            return vec![err(CONN, ErrorCode::UsernameInvalid, e.to_string())];
+        }
+        if let Err(reason) = verify_device_keys(&device) {
+            return vec![err(CONN, ErrorCode::BadSignature, reason)];
+        }
+        if !self
+            .registrations
+            .allow(session.peer, self.config.limits.registrations_per_minute)
+        {
+            return vec![err(
+                CONN,
+                ErrorCode::RateLimited,
+                "too many registrations from this address; try again in a minute",
+            )];
+        }
+        let owner = session.authenticated().map(|(u, _)| u.to_owned());
+        let existing = match self.timed(self.store.get_account(&username)).await {
+            Ok(found) => found,
+            Err(e) => return vec![internal(CONN, e)],
+        };
+        let mut record = match existing {
+            None => AccountRecord::default(),
+            // Adding a device or changing keys needs a login as that user.
+            Some(bytes) if owner.as_deref() == Some(username.as_str()) => {
+                match AccountRecord::decode(&bytes) {
+                    Ok(r) => r,
+                    Err(e) => return vec![internal(CONN, e)],
+                }
+            }
+            Some(_) => {
+                return vec![err(
+                    CONN,
+                    ErrorCode::UsernameTaken,
+                    format!("{username} is taken"),
+                )];
+            }
+        };
+        if record.device(device.device_id).is_none()
+            && record.devices.len() >= crate::accounts::MAX_DEVICES
+        {
+            return vec![err(CONN, ErrorCode::OutOfRange, "too many devices")];
+        }
+        if record.devices.is_empty() {
+            // Reserve the name first so two concurrent registrations cannot both win.
+            if let Err(e) = self
+                .timed(
+                    self.store
+                        .create_account(&username, AccountRecord::default().encode()),
+                )
+                .await
+            {
+                return match e {
+                    StoreError::AlreadyExists(_) => vec![err(
+                        CONN,
+                        ErrorCode::UsernameTaken,
+                        format!("{username} is taken"),
+                    )],
+                    other => vec![internal(CONN, other)],
+                };
+            }
+        }
+        let leaf = DirectoryLeaf {
+            username: username.clone(),
+            device_id: device.device_id,
+            identity_ed25519: device.identity_ed25519,
+            identity_x25519: device.identity_x25519,
+            identity_signature: device.identity_signature,
+            signed_prekey_id: device.signed_prekey.id,
+            signed_prekey_public: device.signed_prekey.public,
+            signed_prekey_signature: device.signed_prekey.signature,
+            version: 0,
+            timestamp: unix_now(),
+        };
+        let leaf_index = match self.directory.append(leaf).await {
+            Ok(i) => i,
+            Err(e) => return vec![internal(CONN, e)],
+        };
+        let device_id = device.device_id;
+        record.upsert(DeviceRecord {
+            leaf_index,
+            ..device
+        });
+        if let Err(e) = self
+            .timed(self.store.put_account(&username, record.encode()))
+            .await
+        {
+            return vec![internal(CONN, e)];
+        }
+        let keys = prekeys.into_iter().map(|k| (k.id, k.public)).collect();
+        if let Err(e) = self
+            .timed(self.store.add_prekeys(&username, device_id, keys))
+            .await
+        {
+            return vec![internal(CONN, e)];
+        }
+        self.metrics.registrations.fetch_add(1, Relaxed);
+        tracing::info!(user = %username, device = device_id, leaf = leaf_index, "registered device");
+        vec![ServerFrame::Registered {
+            username,
+            device_id,
+            leaf_index,
+        }]
+    }
+
+    async fn login(
+        &self,
+        session: &mut Session,
+        username: String,
+        device_id: u32,
+    ) -> Vec<ServerFrame> {
+        if self.is_draining() {
+            return vec![err(
+                CONN,
+                ErrorCode::Draining,
+                "this server is draining; reconnect",
+            )];
+        }
+        let record = match self.account(&username).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return vec![err(
+                    CONN,
+                    ErrorCode::UnknownUser,
+                    format!("no user {username}"),
+                )];
+            }
+            Err(e) => return vec![e],
+        };
+        if record.device(device_id).is_none() {
+            return vec![err(
+                CONN,
+                ErrorCode::UnknownDevice,
+                format!("{username} has no device {device_id}"),
+            )];
+        }
+        let mut nonce = [0u8; 32];
+        OsRng.fill_bytes(&mut nonce);
+        session.state = SessionState::Challenged {
+            username,
+            device_id,
+            nonce,
+            expires: Instant::now() + Duration::from_secs(self.config.limits.challenge_ttl_secs),
+        };
+        vec![ServerFrame::Challenge { nonce }]
+    }
+
+    async fn login_proof(&self, session: &mut Session, signature: [u8; 64]) -> Vec<ServerFrame> {
+        // The challenge is consumed by the first proof, right or wrong: it can never be replayed.
+        let (username, device_id, nonce, expires) =
+            match std::mem::replace(&mut session.state, SessionState::Greeted) {
+                SessionState::Challenged {
+                    username,
+                    device_id,
+                    nonce,
+                    expires,
+                } => (username, device_id, nonce, expires),
+                other => {
+                    session.state = other;
+                    return vec![err(
+                        CONN,
+                        ErrorCode::ChallengeExpiredOrReplayed,
+                        "no outstanding login challenge: send Login first",
+                    )];
+                }
+            };
+        if Instant::now() > expires {
+            return vec![err(
+                CONN,
+                ErrorCode::ChallengeExpiredOrReplayed,
+                "the login challenge expired",
+            )];
+        }
+        let record = match self.account(&username).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return vec![err(CONN, ErrorCode::UnknownUser, "unknown user")],
+            Err(e) => return vec![e],
+        };
+        let Some(device) = record.device(device_id) else {
+            return vec![err(CONN, ErrorCode::UnknownDevice, "unknown device")];
+        };
+        let valid = VerifyingKey::from_bytes(&device.identity_ed25519)
+            .map(|key| {
+                key.verify(
+                    &login_challenge_message(&nonce, &username, device_id),
+                    &Signature::from_bytes(&signature),
+                )
+                .is_ok()
+            })
+            .unwrap_or(false);
+        if !valid {
+            return vec![err(
+                CONN,
+                ErrorCode::BadSignature,
+                "the login proof does not verify",
+            )];
+        }
+        let mailbox = MailboxId::new(&username, device_id);
+        let next_seq = match self.timed(self.store.fetch(&mailbox, 0, 1)).await {
+            Ok(pending) => match pending.first() {
+                Some(first) => first.seq,
+                None => match self.store.next_seq(&mailbox).await {
+                    Ok(seq) => seq,
+                    Err(e) => return vec![internal(CONN, e)],
+                },
+            },
+            Err(e) => return vec![internal(CONN, e)],
+        };
+        let available = self
+            .store
+            .prekey_count(&username, device_id)
+            .await
+            .unwrap_or(0);
+        session.state = SessionState::Authenticated {
+            username: username.clone(),
+            device_id,
+        };
+        session.start_delivery = Some(mailbox);
+        self.metrics.logins.fetch_add(1, Relaxed);
+        vec![
+            ServerFrame::Welcome {
+                username,
+                device_id,
+                mailbox_next_seq: next_seq,
+            },
+            ServerFrame::PrekeyStatus {
+                available: u32::try_from(available).unwrap_or(u32::MAX),
+            },
+        ]
+    }
+
+    async fn account(&self, username: &str) -> Result<Option<AccountRecord>, ServerFrame> {
+        match self.timed(self.store.get_account(username)).await {
+            Ok(Some(bytes)) => AccountRecord::decode(&bytes)
+                .map(Some)
+                .map_err(|e| internal(CONN, e)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(internal(CONN, e)),
+        }
+    }
+
+    async fn upload_prekeys(
+        &self,
+        session: &Session,
+        keys: Vec<OneTimePrekey>,
+    ) -> Vec<ServerFrame> {
+        let Some((user, device)) = session.authenticated() else {
+            return vec![not_authenticated(CONN)];
+        };
+        let keys = keys.into_iter().map(|k| (k.id, k.public)).collect();
+        if let Err(e) = self.store.add_prekeys(user, device, keys).await {
+            return vec![internal(CONN, e)];
+        }
+        match self.store.prekey_count(user, device).await {
+            Ok(n) => vec![ServerFrame::PrekeyStatus {
+                available: u32::try_from(n).unwrap_or(u32::MAX),
+            }],
+            Err(e) => vec![internal(CONN, e)],
+        }
+    }
+
+    async fn send(
+        &self,
+        session: &Session,
+        message_id: MessageId,
+        to_user: String,
+        to_device: u32,
+        envelope: Vec<u8>,
+    ) -> Vec<ServerFrame> {
+        let scope = ErrorScope::Message(message_id);
+        let Some((from_user, from_device)) = session.authenticated() else {
+            return vec![not_authenticated(scope)];
+        };
+        if envelope.len() > self.config.limits.max_envelope_bytes as usize {
+            return vec![err(
+                scope,
+                ErrorCode::EnvelopeTooLarge,
+                format!(
+                    "envelope of {} bytes exceeds the limit of {}",
+                    envelope.len(),
+                    self.config.limits.max_envelope_bytes
+                ),
+            )];
+        }
+        match self.account(&to_user).await {
+            Ok(Some(r)) if r.device(to_device).is_some() => {}
+            Ok(Some(_)) => {
+                return vec![err(
+                    scope,
+                    ErrorCode::UnknownDevice,
+                    format!("{to_user} has no device {to_device}"),
+                )];
+            }
+            Ok(None) => {
+                return vec![err(
+                    scope,
+                    ErrorCode::UnknownUser,
+                    format!("no user {to_user}"),
+                )];
+            }
+            Err(e) => return vec![e],
+        }
+        let record = MailboxRecord {
+            from_user: from_user.to_owned(),
+            from_device,
+            server_time: unix_now(),
+            envelope,
+        };
+        let mailbox = MailboxId::new(&to_user, to_device);
+        let result = self
+            .timed(self.store.append(
+                &mailbox,
+                message_id,
+                record.encode(),
+                self.config.limits.max_mailbox_depth,
+            ))
+            .await;
+        match result {
+            Ok(outcome) => {
+                if outcome.duplicate {
+                    self.metrics.envelopes_duplicate.fetch_add(1, Relaxed);
+                } else {
+                    self.metrics.envelopes_stored.fetch_add(1, Relaxed);
+                    self.hub.notify(&mailbox);
+                }
+                vec![ServerFrame::SendAck {
+                    message_id,
+                    duplicate: outcome.duplicate,
+                }]
+            }
+            Err(StoreError::MailboxFull { limit }) => vec![err(
+                scope,
+                ErrorCode::MailboxFull,
+                format!("{to_user}'s device {to_device} has {limit} undelivered envelopes"),
+            )],
+            Err(e) => vec![internal(scope, e)],
+        }
+    }
+
+    async fn ack(&self, session: &Session, up_to_seq: u64) -> Vec<ServerFrame> {
+        let Some((user, device)) = session.authenticated() else {
+            return vec![not_authenticated(CONN)];
+        };
+        match self
+            .timed(self.store.ack(&MailboxId::new(user, device), up_to_seq))
+            .await
+        {
+            Ok(removed) => {
+                self.metrics.envelopes_acked.fetch_add(removed, Relaxed);
+                vec![]
+            }
+            Err(e) => vec![internal(CONN, e)],
+        }
+    }
+
+    async fn fetch_bundle(
+        &self,
+        session: &Session,
+        request_id: u32,
+        username: String,
+    ) -> Vec<ServerFrame> {
+        let scope = ErrorScope::Request(request_id);
+        if session.authenticated().is_none() {
+            return vec![not_authenticated(scope)];
+        }
+        let record = match self.account(&username).await {
+            Ok(Some(r)) if !r.devices.is_empty() => r,
+            Ok(_) => {
+                return vec![err(
+                    scope,
+                    ErrorCode::UnknownUser,
+                    format!("no user {username}"),
+                )];
+            }
+            Err(e) => return vec![e],
+        };
+        let mut devices = Vec::with_capacity(record.devices.len());
+        for device in &record.devices {
+            let one_time = match self
+                .timed(self.store.take_prekey(&username, device.device_id))
+                .await
+            {
+                Ok(k) => k.map(|(id, public)| OneTimePrekey { id, public }),
+                Err(e) => return vec![internal(scope, e)],
+            };
+            devices.push(DeviceBundle {
+                device_id: device.device_id,
+                identity_ed25519: device.identity_ed25519,
+                identity_x25519: device.identity_x25519,
+                identity_signature: device.identity_signature,
+                signed_prekey: device.signed_prekey.clone(),
+                one_time_prekey: one_time,
+                leaf_index: device.leaf_index,
+            });
+        }
+        vec![ServerFrame::Bundle {
+            request_id,
+            username,
+            devices,
+        }]
+    }
+
+    async fn tree_head(&self, request_id: u32, known_size: Option<u64>) -> Vec<ServerFrame> {
+        let scope = ErrorScope::Request(request_id);
+        let head = match self.directory.head().await {
+            Ok(h) => h,
+            Err(e) => return vec![internal(scope, e)],
+        };
+        let proof = match known_size {
+            Some(k) if k > head.tree_size => {
+                return vec![err(
+                    scope,
+                    ErrorCode::OutOfRange,
+                    format!("known size {k} is larger than the log ({})", head.tree_size),
+                )];
+            }
+            Some(k) if k > 0 && k < head.tree_size => {
+                match self.directory.consistency(k, &head).await {
+                    Ok(p) => p,
+                    Err(e) => return vec![internal(scope, e)],
+                }
+            }
+            _ => Vec::new(),
+        };
+        vec![ServerFrame::TreeHead {
+            request_id,
+            signed_head: head.to_bytes().to_vec(),
+            consistency_proof: proof,
+        }]
+    }
+
+    async fn inclusion(
+        &self,
+        request_id: u32,
+        username: String,
+        device_id: u32,
+    ) -> Vec<ServerFrame> {
+        let scope = ErrorScope::Request(request_id);
+        let head = match self.directory.head().await {
+            Ok(h) => h,
+            Err(e) => return vec![internal(scope, e)],
+        };
+        let (leaf_index, proof) = match self.directory.inclusion(&username, device_id, &head).await
+        {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                return vec![err(
+                    scope,
+                    ErrorCode::UnknownDevice,
+                    format!("{username} device {device_id} is not in the directory"),
+                )];
+            }
+            Err(e) => return vec![internal(scope, e)],
+        };
+        let leaf = match self.directory.leaves(leaf_index, 1).await {
+            Ok(mut leaves) if leaves.len() == 1 => leaves.remove(0),
+            Ok(_) => return vec![internal(scope, "leaf missing from the store")],
+            Err(e) => return vec![internal(scope, e)],
+        };
+        vec![ServerFrame::Inclusion {
+            request_id,
+            leaf,
+            leaf_index,
+            tree_size: head.tree_size,
+            proof,
+        }]
+    }
+
+    async fn get_leaves(&self, request_id: u32, start: u64, count: u32) -> Vec<ServerFrame> {
+        let scope = ErrorScope::Request(request_id);
+        let count = count.min(MAX_LEAVES_PER_FRAME as u32);
+        match self.directory.leaves(start, count).await {
+            Ok(leaves) => vec![ServerFrame::Leaves {
+                request_id,
+                start,
+                leaves,
+            }],
+            Err(e) => vec![internal(scope, e)],
+        }
+    }
+}
+
+fn not_authenticated(scope: ErrorScope) -> ServerFrame {
+    err(scope, ErrorCode::NotAuthenticated, "log in first")
+}
+
+/// An internal error: logged with detail, reported without it.
+fn internal(scope: ErrorScope, e: impl std::fmt::Display) -> ServerFrame {
+    tracing::error!(error = %e, "internal error");
+    err(scope, ErrorCode::Internal, "internal server error")
+}
+
+/// The identity binding (Ed25519 over X25519) and the signed prekey must verify.
+fn verify_device_keys(device: &DeviceRecord) -> Result<(), String> {
+    let mut encoded = Vec::with_capacity(IdentityPublic::ENCODED_LEN);
+    encoded.push(chat_core::identity::IDENTITY_PUBLIC_VERSION);
+    encoded.extend_from_slice(&device.identity_ed25519);
+    encoded.extend_from_slice(&device.identity_x25519);
+    encoded.extend_from_slice(&device.identity_signature);
+    let identity = IdentityPublic::decode(&encoded).map_err(|e| format!("identity keys: {e}"))?;
+    let spk = signed_prekey(&device.signed_prekey);
+    spk.verify(&identity)
+        .map_err(|e| format!("signed prekey: {e}"))
+}
+
+fn signed_prekey(wire: &SignedPrekey) -> SignedPreKey {
+    SignedPreKey {
+        id: wire.id,
+        key: x25519_dalek::PublicKey::from(wire.public),
+        signature: Signature::from_bytes(&wire.signature),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mailbox_record_round_trips_and_refuses_truncation() {
+        let record = MailboxRecord {
+            from_user: "alice".into(),
+            from_device: 1,
+            server_time: 1_800_000_000,
+            envelope: vec![7; 100],
+        };
+        let bytes = record.encode();
+        assert_eq!(MailboxRecord::decode(&bytes), Ok(record));
+        for cut in 0..bytes.len() {
+            assert!(MailboxRecord::decode(&bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn rate_limiter_allows_the_limit_then_refuses() {
+        let limiter = RateLimiter::default();
+        let addr: IpAddr = [127, 0, 0, 1].into();
+        assert!((0..3).all(|_| limiter.allow(addr, 3)));
+        assert!(!limiter.allow(addr, 3));
+        assert!(limiter.allow([127, 0, 0, 2].into(), 3));
+    }
+}

@@ -1,0 +1,200 @@
+//! The WebSocket transport of one client: reads frames, hands them to [`Node::handle`], writes the
+//! answers, and pushes the device's mailbox once it has logged in.
+//!
+//! tokio-tungstenite over hyper's upgraded connection, no permessage-deflate, messages capped at
+//! `MAX_FRAME_BYTES`, small write buffers (idle sockets must stay cheap). One writer task owns
+//! the sink; the reader, the delivery loop and shutdown all send to it through a bounded channel,
+//! so a slow reader applies back-pressure instead of growing memory.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use chat_core::wire::{
+    ClientFrame, CloseCode, ErrorCode, ErrorScope, MAX_FRAME_BYTES, ServerFrame,
+};
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::node::{MailboxRecord, Node, Session, SessionState};
+use crate::store::MailboxId;
+
+/// Envelopes fetched from the store per delivery round.
+const DELIVERY_BATCH: usize = 64;
+/// Frames queued for one socket before senders wait.
+const OUTBOX: usize = 128;
+
+enum Outgoing {
+    Frame(ServerFrame),
+    Close(CloseCode, &'static str),
+}
+
+pub fn websocket_config() -> WebSocketConfig {
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(MAX_FRAME_BYTES);
+    config.max_frame_size = Some(MAX_FRAME_BYTES);
+    config.write_buffer_size = 0;
+    config.max_write_buffer_size = MAX_FRAME_BYTES * 4;
+    config.read_buffer_size = 4096;
+    config
+}
+
+/// Runs one client connection to its end.
+pub async fn serve(node: Arc<Node>, upgraded: Upgraded, peer: SocketAddr) {
+    let ws = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(websocket_config()),
+    )
+    .await;
+    node.metrics.connections.fetch_add(1, Relaxed);
+    node.metrics.connections_total.fetch_add(1, Relaxed);
+    run(node.clone(), ws, peer).await;
+    node.metrics.connections.fetch_sub(1, Relaxed);
+}
+
+async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: SocketAddr) {
+    let (mut sink, mut stream) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
+    let writer_node = node.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(out) = out_rx.recv().await {
+            let result = match out {
+                Outgoing::Frame(frame) => {
+                    writer_node.metrics.frames_out.fetch_add(1, Relaxed);
+                    sink.send(Message::Binary(frame.encode().into())).await
+                }
+                Outgoing::Close(code, reason) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code: code.as_u16().into(),
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    break;
+                }
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut session = Session::new(peer.ip());
+    let mut shutdown = node.shutdown.subscribe();
+    let mut delivery: Option<tokio::task::JoinHandle<()>> = None;
+    let idle = Duration::from_secs(node.config.limits.unauthenticated_idle_secs);
+    let close = loop {
+        let timeout = async {
+            if session.authenticated().is_some() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(idle).await;
+        };
+        tokio::select! {
+            () = crate::node::flipped(&mut shutdown) => break Some((CloseCode::Reconnect, "server draining: reconnect")),
+            () = timeout => break Some((CloseCode::AuthFailed, "no login in time")),
+            message = stream.next() => match message {
+                Some(Ok(Message::Binary(bytes))) => {
+                    node.metrics.frames_in.fetch_add(1, Relaxed);
+                    let frames = match ClientFrame::decode(&bytes) {
+                        Ok(frame) => node.handle(&mut session, frame).await,
+                        Err(e) => vec![ServerFrame::error(ErrorScope::Connection, ErrorCode::for_decode_error(&e), e.to_string())],
+                    };
+                    for frame in frames {
+                        if out_tx.send(Outgoing::Frame(frame)).await.is_err() {
+                            break;
+                        }
+                    }
+                    if let Some(mailbox) = session.start_delivery.take() {
+                        if let Some(old) = delivery.take() {
+                            old.abort();
+                        }
+                        delivery = Some(tokio::spawn(deliver(node.clone(), mailbox, out_tx.clone())));
+                    }
+                }
+                Some(Ok(Message::Text(_))) => {
+                    let frame = ServerFrame::error(ErrorScope::Connection, ErrorCode::MalformedFrame, "frames are binary WebSocket messages");
+                    let _ = out_tx.send(Outgoing::Frame(frame)).await;
+                }
+                Some(Ok(Message::Close(_))) | None => break None,
+                Some(Ok(_)) => {} // ping/pong are answered by tungstenite
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "websocket read error");
+                    break Some((CloseCode::ProtocolError, "websocket protocol error"));
+                }
+            },
+        }
+    };
+    if let Some(task) = delivery.take() {
+        task.abort();
+    }
+    if let SessionState::Authenticated {
+        username,
+        device_id,
+    } = &session.state
+    {
+        node.hub.release(&MailboxId::new(username, *device_id));
+    }
+    if let Some((code, reason)) = close {
+        let _ = out_tx.send(Outgoing::Close(code, reason)).await;
+    }
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+/// Pushes every envelope of the mailbox in order, then waits for more.
+async fn deliver(node: Arc<Node>, mailbox: MailboxId, out: mpsc::Sender<Outgoing>) {
+    let notify = node.hub.subscribe(&mailbox);
+    let mut after = 0u64;
+    loop {
+        // Register interest before reading, so an append between the read and the wait is not missed.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let batch = match node.store.fetch(&mailbox, after, DELIVERY_BATCH).await {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "mailbox fetch failed");
+                let _ = out
+                    .send(Outgoing::Close(
+                        CloseCode::Overloaded,
+                        "mailbox unavailable",
+                    ))
+                    .await;
+                return;
+            }
+        };
+        let full = batch.len() == DELIVERY_BATCH;
+        for item in batch {
+            after = item.seq;
+            let Ok(record) = MailboxRecord::decode(&item.record) else {
+                tracing::error!(seq = item.seq, "undecodable mailbox record skipped");
+                continue;
+            };
+            let frame = ServerFrame::Deliver {
+                seq: item.seq,
+                message_id: item.message_id,
+                from_user: record.from_user,
+                from_device: record.from_device,
+                server_time: record.server_time,
+                envelope: record.envelope,
+            };
+            if out.send(Outgoing::Frame(frame)).await.is_err() {
+                return;
+            }
+            node.metrics.envelopes_delivered.fetch_add(1, Relaxed);
+        }
+        if !full {
+            notified.await;
+        }
+    }
+}
