@@ -76,6 +76,8 @@ pub enum GroupError {
     ChainExhausted,
     #[error("id of {0} bytes is longer than {MAX_ID_LEN}")]
     IdTooLong(usize),
+    #[error("the group already has the maximum of {MAX_MEMBERS} members")]
+    TooManyMembers,
 }
 
 /// A member's sender key as handed to the other members (contains the chain key: send it only
@@ -99,6 +101,9 @@ impl fmt::Debug for SenderKeyDistribution {
             .finish_non_exhaustive()
     }
 }
+
+/// The chain key is `Zeroizing`.
+impl ZeroizeOnDrop for SenderKeyDistribution {}
 
 impl SenderKeyDistribution {
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
@@ -262,6 +267,9 @@ impl fmt::Debug for GroupState {
     }
 }
 
+/// Chain keys are `Zeroizing`, signing keys and skipped keys wipe themselves on drop.
+impl ZeroizeOnDrop for GroupState {}
+
 fn check_id(id: &[u8]) -> Result<(), GroupError> {
     if id.len() > MAX_ID_LEN {
         return Err(GroupError::IdTooLong(id.len()));
@@ -316,9 +324,7 @@ impl GroupState {
         check_id(member.as_bytes())?;
         if member != self.own_id {
             if self.members.len() >= MAX_MEMBERS {
-                return Err(GroupError::Decode(DecodeError::Invalid(
-                    "too many group members",
-                )));
+                return Err(GroupError::TooManyMembers);
             }
             self.members.insert(member.to_owned());
         }

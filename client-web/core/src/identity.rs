@@ -11,7 +11,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use rand_core::CryptoRngCore;
 use thiserror::Error;
 use x25519_dalek::{PublicKey, StaticSecret};
-use zeroize::Zeroizing;
+use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -156,6 +156,9 @@ impl fmt::Debug for IdentityKeyPair {
     }
 }
 
+/// Both secrets (`SigningKey`, `StaticSecret`) wipe themselves on drop.
+impl ZeroizeOnDrop for IdentityKeyPair {}
+
 impl IdentityKeyPair {
     pub fn generate(rng: &mut impl CryptoRngCore) -> Self {
         let signing = SigningKey::generate(rng);
@@ -276,6 +279,8 @@ impl fmt::Debug for SignedPreKeySecret {
     }
 }
 
+impl ZeroizeOnDrop for SignedPreKeySecret {}
+
 impl SignedPreKeySecret {
     pub fn public(&self) -> &SignedPreKey {
         &self.public
@@ -316,6 +321,8 @@ impl fmt::Debug for OneTimePreKeySecret {
             .finish_non_exhaustive()
     }
 }
+
+impl ZeroizeOnDrop for OneTimePreKeySecret {}
 
 impl OneTimePreKeySecret {
     pub fn public(&self) -> OneTimePreKey {
@@ -410,6 +417,8 @@ impl fmt::Debug for DeviceKeys {
             .finish_non_exhaustive()
     }
 }
+
+impl ZeroizeOnDrop for DeviceKeys {}
 
 impl DeviceKeys {
     /// A new identity with one signed prekey (id 1) and no one-time prekeys.
@@ -641,6 +650,18 @@ mod tests {
         assert_eq!(keys.signed_prekey().id, 3);
         assert!(keys.signed_prekey_secret(2).is_some());
         assert!(keys.signed_prekey_secret(1).is_none());
+    }
+
+    #[test]
+    fn secret_types_zeroize_on_drop() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        wiped_on_drop::<IdentityKeyPair>();
+        wiped_on_drop::<SignedPreKeySecret>();
+        wiped_on_drop::<OneTimePreKeySecret>();
+        wiped_on_drop::<DeviceKeys>();
+        wiped_on_drop::<crate::ratchet::Session>();
+        wiped_on_drop::<crate::group::GroupState>();
+        wiped_on_drop::<crate::group::SenderKeyDistribution>();
     }
 
     #[test]

@@ -238,7 +238,7 @@ impl<'a> ParsedMessage<'a> {
 
 /// The X3DH header of an initial message, or `None` for an ordinary message. Lets a client
 /// decide between [`Session::accept`] (no session with this sender yet, or a new one) and
-/// [`Session::decrypt`].
+/// [`Session::decrypt`]. Nothing in it is verified yet: `accept` does that.
 pub fn initial_header(message: &[u8]) -> Result<Option<InitialHeader>, SessionError> {
     Ok(ParsedMessage::parse(message)?.initial)
 }
@@ -266,6 +266,8 @@ pub struct Session {
     remote_identity: IdentityPublic,
     root_key: Zeroizing<[u8; 32]>,
     self_ratchet: StaticSecret,
+    /// Cached public half of `self_ratchet` (not serialised; derived on decode).
+    self_ratchet_public: PublicKey,
     remote_ratchet: Option<PublicKey>,
     send_chain: Option<Chain>,
     recv_chain: Option<Chain>,
@@ -286,6 +288,9 @@ impl fmt::Debug for Session {
             .finish_non_exhaustive()
     }
 }
+
+/// Every secret field (root key, ratchet secret, chains, skipped keys) is wiped on drop.
+impl ZeroizeOnDrop for Session {}
 
 /// What a successful decryption will change, computed before anything is committed.
 struct Staged {
@@ -312,6 +317,7 @@ impl Session {
             associated_data: agreement.associated_data,
             remote_identity: bundle.identity,
             root_key,
+            self_ratchet_public: PublicKey::from(&self_ratchet),
             self_ratchet,
             remote_ratchet: Some(remote),
             send_chain: Some(Chain {
@@ -341,6 +347,7 @@ impl Session {
             associated_data: agreement.associated_data,
             remote_identity: header.sender,
             root_key: agreement.shared_secret,
+            self_ratchet_public: PublicKey::from(&self_ratchet),
             self_ratchet,
             remote_ratchet: None,
             send_chain: None,
@@ -393,7 +400,7 @@ impl Session {
                 w.u8(KIND_MESSAGE);
             }
         }
-        w.fixed(PublicKey::from(&self.self_ratchet).as_bytes())
+        w.fixed(self.self_ratchet_public.as_bytes())
             .u32(self.previous_send_count)
             .u32(n);
         let aad = [self.associated_data.as_slice(), &w.clone().into_bytes()].concat();
@@ -414,6 +421,7 @@ impl Session {
         let dh_out = contributory_dh(&self_ratchet, &remote)
             .ok_or(SessionError::NonContributoryRatchetKey)?;
         let (root_key, chain_key) = kdf_rk(&self.root_key, &dh_out);
+        self.self_ratchet_public = PublicKey::from(&self_ratchet);
         self.self_ratchet = self_ratchet;
         self.root_key = root_key;
         self.send_chain = Some(Chain {
@@ -626,6 +634,7 @@ impl Session {
             associated_data,
             remote_identity,
             root_key,
+            self_ratchet_public: PublicKey::from(&self_ratchet),
             self_ratchet,
             remote_ratchet,
             send_chain,

@@ -170,6 +170,36 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic_any_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let (_, mut b) = established();
+        let before = b.encode();
+        prop_assert!(b.decrypt(&bytes).is_err());
+        prop_assert_eq!(&*b.encode(), &*before);
+        let _ = Session::decode(&bytes);
+        let _ = PreKeyBundle::decode(&bytes);
+        let _ = DeviceKeys::decode(&bytes);
+        let _ = GroupState::decode(&bytes);
+        let _ = SenderKeyDistribution::decode(&bytes);
+        let _ = initial_header(&bytes);
+    }
+}
+
+#[test]
+fn initial_message_to_the_previous_signed_prekey_still_starts_a_session() {
+    let alice = IdentityKeyPair::generate(&mut OsRng);
+    let mut bob_keys = DeviceKeys::generate(&mut OsRng);
+    let stale_bundle = bob_keys.bundle(None);
+    bob_keys.rotate_signed_prekey(&mut OsRng);
+    let mut a = Session::initiate(&alice, &stale_bundle, &mut OsRng).unwrap();
+    let first = a.encrypt(b"sent before rotation", &mut OsRng).unwrap();
+    let (_, plaintext) = Session::accept(&mut bob_keys, &first).unwrap();
+    assert_eq!(plaintext, b"sent before rotation");
+}
+
 #[test]
 fn full_x3dh_then_a_hundred_messages_each_way() {
     let (mut a, mut b) = established();
