@@ -32,8 +32,8 @@ pub const TLS_CERT: &str = "tls/server.pem";
 pub const TLS_KEY: &str = "tls/server.key";
 
 /// First line of `data.key`; each following line is `<key id> <base64 32-byte key>`, the last
-/// one being the key new records are sealed with.
-pub const DATA_KEY_HEADER: &str = "chatapp data-at-rest keys v1";
+/// one being the key new records are sealed with. The format is owned by the server's store.
+pub const DATA_KEY_HEADER: &str = chat_server::store::seal::DATA_KEY_FILE_HEADER;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -47,6 +47,29 @@ pub enum KeysCommand {
     /// Print the public keys and fingerprints of a key directory.
     #[command(after_help = "Example:\n  chatctl keys show --dir .chatctl/keys")]
     Show(DirArgs),
+    /// Add a new key and make it the active one; records sealed with older keys stay readable.
+    #[command(
+        after_help = "Example:\n  chatctl keys rotate data --dir .chatctl/keys\n\n\
+        Appends a data-at-rest key with id = largest id + 1 to data.key (atomically, mode 0600)\n\
+        and prints the new active id. Restart the servers to seal new records with it."
+    )]
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Which key to rotate.
+    #[arg(value_enum)]
+    pub target: RotateTarget,
+    #[command(flatten)]
+    pub dir: DirArgs,
+}
+
+/// Keys that `chatctl keys rotate` can rotate.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RotateTarget {
+    /// The data-at-rest keys (`data.key`).
+    Data,
 }
 
 #[derive(Debug, Args)]
@@ -89,7 +112,27 @@ pub fn run(cmd: KeysCommand) -> Result<()> {
             print!("{}", show(&args)?);
             Ok(())
         }
+        KeysCommand::Rotate(args) => match args.target {
+            RotateTarget::Data => {
+                let id = rotate_data(&args.dir.dir)?;
+                println!("Rotated the data-at-rest key: new active key id {id}");
+                Ok(())
+            }
+        },
     }
+}
+
+/// Appends a fresh data-at-rest key (id = largest + 1) to `dir/data.key`; returns its id.
+pub fn rotate_data(dir: &Path) -> Result<u32> {
+    let path = dir.join(DATA_KEY);
+    let text = Zeroizing::new(read_text(&path).map_err(no_keys_hint(dir))?);
+    let mut ring = chat_server::store::DataKeyRing::from_file_string(&text)
+        .with_context(|| format!("{}", path.display()))?;
+    let id = ring
+        .rotate(&mut OsRng)
+        .with_context(|| format!("{}", path.display()))?;
+    write_atomic(&path, ring.to_file_string().as_bytes(), Mode::Secret)?;
+    Ok(id)
 }
 
 /// Every file `init` writes, relative to the key directory.
@@ -221,32 +264,7 @@ fn no_keys_hint(dir: &Path) -> impl FnOnce(anyhow::Error) -> anyhow::Error + '_ 
 
 /// The key ids in a `data.key` file (without exposing the keys).
 pub fn data_key_ids(text: &str) -> Result<Vec<u32>> {
-    let mut lines = text.lines();
-    if lines.next() != Some(DATA_KEY_HEADER) {
-        bail!("not a data key file: the first line must be {DATA_KEY_HEADER:?}");
-    }
-    let mut ids = Vec::new();
-    for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let (id, key) = line
-            .split_once(' ')
-            .with_context(|| format!("line {}: expected `<id> <base64 key>`", n + 2))?;
-        let id: u32 = id
-            .parse()
-            .with_context(|| format!("line {}: bad key id", n + 2))?;
-        let key = Zeroizing::new(
-            BASE64
-                .decode(key.trim())
-                .with_context(|| format!("line {}: bad base64", n + 2))?,
-        );
-        if key.len() != 32 {
-            bail!("line {}: a data key must be 32 bytes", n + 2);
-        }
-        ids.push(id);
-    }
-    if ids.is_empty() {
-        bail!("no data keys listed");
-    }
-    Ok(ids)
+    Ok(chat_server::store::DataKeyRing::from_file_string(text)?.ids())
 }
 
 fn pem_fingerprint(pem: &str) -> String {
