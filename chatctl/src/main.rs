@@ -5,9 +5,8 @@
 #![forbid(unsafe_code)]
 
 mod cmd;
-mod files;
-mod passphrase;
-mod progress;
+
+pub(crate) use chatctl::{files, passphrase, progress};
 
 use std::process::ExitCode;
 
@@ -38,6 +37,10 @@ enum Command {
     Sign(cmd::release::SignArgs),
     /// Verify a signed bundle directory: signature, expiry, version and every file.
     Verify(cmd::release::VerifyArgs),
+    /// Chat from the command line (native end-to-end encrypted client), for scripts and tests.
+    Chat(cmd::chat::ChatArgs),
+    /// Run a local chat server (Docker cluster, or one embedded process without Docker).
+    Up(cmd::up::UpArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,8 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => cmd::keys::run(cmd),
         Command::Sign(args) => cmd::release::run_sign(args),
         Command::Verify(args) => cmd::release::run_verify(args),
+        Command::Chat(args) => cmd::chat::run(args),
+        Command::Up(args) => cmd::up::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

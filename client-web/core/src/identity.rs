@@ -184,6 +184,13 @@ impl IdentityKeyPair {
         &self.public
     }
 
+    /// Answers a server's login challenge: an Ed25519 signature over
+    /// [`crate::wire::login_challenge_message`] (domain-separated, so it signs nothing else).
+    pub fn sign_login(&self, nonce: &[u8; 32], username: &str, device_id: u32) -> [u8; 64] {
+        let message = crate::wire::login_challenge_message(nonce, username, device_id);
+        self.signing.sign(&message).to_bytes()
+    }
+
     pub(crate) fn dh_secret(&self) -> &StaticSecret {
         &self.dh
     }

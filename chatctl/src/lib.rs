@@ -1,0 +1,8 @@
+//! chatctl as a library: the native chat client and the file helpers, shared by the `chatctl`
+//! binary, the end-to-end tests (`chat-tests`) and the benchmarks.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod files;
+pub mod passphrase;
+pub mod progress;
