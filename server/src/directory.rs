@@ -261,7 +261,8 @@ impl Directory {
         Ok(self.store.leaves(start, u64::from(count)).await?)
     }
 
-    pub async fn len(&self) -> u64 {
+    /// Number of leaves in the log.
+    pub async fn size(&self) -> u64 {
         self.state.lock().await.tree.len()
     }
 }

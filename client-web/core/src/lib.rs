@@ -7,10 +7,10 @@
 
 pub mod codec;
 pub mod directory;
-pub mod wire;
 pub mod group;
 pub mod identity;
 pub mod padding;
 pub mod ratchet;
 pub mod safety;
+pub mod wire;
 pub mod x3dh;
