@@ -87,9 +87,27 @@ pub struct ServerConfig {
     pub plain_http: bool,
     pub server_name: String,
     pub limits: Limits,
+    /// Test-only attack mode (binary `chat-server-hostile`).
+    #[cfg(feature = "hostile")]
+    pub hostile: Option<crate::hostile::HostileMode>,
 }
 
 impl ServerConfig {
+    /// TLS on `listen`, default limits, no bundle.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf, keys_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            keys_dir,
+            bundle_dir: None,
+            plain_http: false,
+            server_name: "chat-server".into(),
+            limits: Limits::default(),
+            #[cfg(feature = "hostile")]
+            hostile: None,
+        }
+    }
+
     /// Checks the combinations the command line cannot express.
     pub fn validate(&self) -> Result<()> {
         if self.plain_http && !self.listen.ip().is_loopback() {

@@ -261,6 +261,12 @@ impl Directory {
         Ok(self.store.leaves(start, u64::from(count)).await?)
     }
 
+    /// Signs any (size, root): what a compromised server can do. Test-only.
+    #[cfg(feature = "hostile")]
+    pub fn sign_forged(&self, size: u64, root: &Hash) -> SignedTreeHead {
+        self.key.sign_tree_head(size, root, unix_now())
+    }
+
     /// Number of leaves in the log.
     pub async fn size(&self) -> u64 {
         self.state.lock().await.tree.len()

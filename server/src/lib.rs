@@ -8,9 +8,12 @@
 
 pub mod accounts;
 pub mod bundle;
+pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod healthcheck;
+#[cfg(feature = "hostile")]
+pub mod hostile;
 pub mod http;
 pub mod metrics;
 pub mod node;

@@ -135,6 +135,8 @@ pub struct Node {
     /// Flips to `true` when the server shuts down or drains: sessions close with `Reconnect`.
     pub shutdown: watch::Sender<bool>,
     registrations: RateLimiter,
+    #[cfg(feature = "hostile")]
+    pub hostile: Option<crate::hostile::Hostile>,
 }
 
 impl std::fmt::Debug for Node {
@@ -207,6 +209,8 @@ const CONN: ErrorScope = ErrorScope::Connection;
 impl Node {
     pub fn new(config: ServerConfig, store: Arc<dyn Store>, directory: Directory) -> Self {
         let bundle = config.bundle_dir.clone().map(Bundle::new);
+        #[cfg(feature = "hostile")]
+        let hostile = config.hostile.map(crate::hostile::Hostile::new);
         Self {
             config,
             store,
@@ -217,6 +221,8 @@ impl Node {
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
             registrations: RateLimiter::default(),
+            #[cfg(feature = "hostile")]
+            hostile,
         }
     }
 
@@ -724,7 +730,7 @@ impl Node {
                 Ok(k) => k.map(|(id, public)| OneTimePrekey { id, public }),
                 Err(e) => return vec![internal(scope, e)],
             };
-            devices.push(DeviceBundle {
+            let bundle = DeviceBundle {
                 device_id: device.device_id,
                 identity_ed25519: device.identity_ed25519,
                 identity_x25519: device.identity_x25519,
@@ -732,7 +738,13 @@ impl Node {
                 signed_prekey: device.signed_prekey.clone(),
                 one_time_prekey: one_time,
                 leaf_index: device.leaf_index,
-            });
+            };
+            #[cfg(feature = "hostile")]
+            let bundle = match &self.hostile {
+                Some(h) => h.bundle(&username, bundle),
+                None => bundle,
+            };
+            devices.push(bundle);
         }
         vec![ServerFrame::Bundle {
             request_id,
@@ -763,11 +775,34 @@ impl Node {
             }
             _ => Vec::new(),
         };
+        #[cfg(feature = "hostile")]
+        let (head, proof) = self.forge_head(head, proof, known_size).await;
         vec![ServerFrame::TreeHead {
             request_id,
             signed_head: head.to_bytes().to_vec(),
             consistency_proof: proof,
         }]
+    }
+
+    #[cfg(feature = "hostile")]
+    async fn forge_head(
+        &self,
+        head: chat_signing::tree_head::SignedTreeHead,
+        proof: Vec<[u8; 32]>,
+        known_size: Option<u64>,
+    ) -> (chat_signing::tree_head::SignedTreeHead, Vec<[u8; 32]>) {
+        use crate::hostile::ForgedHead;
+        let Some(h) = &self.hostile else {
+            return (head, proof);
+        };
+        let leaves = self.directory.leaves(0, u32::MAX).await.unwrap_or_default();
+        match h.head(&head, &leaves, known_size) {
+            ForgedHead::Honest => (head, proof),
+            ForgedHead::Signed(forged) => (forged, proof),
+            ForgedHead::Unsigned { size, root, proof } => {
+                (self.directory.sign_forged(size, &root), proof)
+            }
+        }
     }
 
     async fn inclusion(
@@ -797,6 +832,11 @@ impl Node {
             Ok(mut leaves) if leaves.len() == 1 => leaves.remove(0),
             Ok(_) => return vec![internal(scope, "leaf missing from the store")],
             Err(e) => return vec![internal(scope, e)],
+        };
+        #[cfg(feature = "hostile")]
+        let leaf = match &self.hostile {
+            Some(h) => h.leaf(leaf),
+            None => leaf,
         };
         vec![ServerFrame::Inclusion {
             request_id,

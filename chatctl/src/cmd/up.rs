@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use chat_server::config::{Limits, ServerConfig};
+use chat_server::config::ServerConfig;
 use clap::{Args, ValueEnum};
 
 use crate::cmd::keys;
@@ -69,15 +69,13 @@ fn run_process(args: UpArgs) -> Result<()> {
             args.keys.display()
         );
     }
-    let config = ServerConfig {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, args.port)),
-        data_dir: args.data.clone(),
-        keys_dir: args.keys.clone(),
-        bundle_dir: args.bundle.clone(),
-        plain_http: false,
-        server_name: "chatctl-up".into(),
-        limits: Limits::default(),
-    };
+    let mut config = ServerConfig::new(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, args.port)),
+        args.data.clone(),
+        args.keys.clone(),
+    );
+    config.bundle_dir = args.bundle.clone();
+    config.server_name = "chatctl-up".into();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let server = chat_server::server::start(config).await?;
