@@ -39,6 +39,9 @@ enum Command {
     Verify(cmd::release::VerifyArgs),
     /// Chat from the command line (native end-to-end encrypted client), for scripts and tests.
     Chat(cmd::chat::ChatArgs),
+    /// Load a running server with real clients and measure throughput and latency.
+    #[command(subcommand_value_name = "SCENARIO")]
+    Bench(cmd::bench::BenchArgs),
     /// Run a local chat server (Docker cluster, or one embedded process without Docker).
     Up(cmd::up::UpArgs),
 }
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Sign(args) => cmd::release::run_sign(args),
         Command::Verify(args) => cmd::release::run_verify(args),
         Command::Chat(args) => cmd::chat::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Up(args) => cmd::up::run(args),
     };
     match result {

@@ -294,7 +294,8 @@ impl Client {
         self.dir.join("sessions").join(format!("{peer}.{device}"))
     }
 
-    fn load_session(&self, peer: &str, device: u32) -> Result<Option<Session>> {
+    /// The stored ratchet session with a peer device, if any.
+    pub fn load_session(&self, peer: &str, device: u32) -> Result<Option<Session>> {
         match std::fs::read(self.session_path(peer, device)) {
             Ok(bytes) => Session::decode(&bytes)
                 .map(Some)
@@ -303,7 +304,8 @@ impl Client {
         }
     }
 
-    fn save_session(&self, peer: &str, device: u32, session: &Session) -> Result<()> {
+    /// Stores a ratchet session (mode 0600, atomically).
+    pub fn save_session(&self, peer: &str, device: u32, session: &Session) -> Result<()> {
         write_atomic(
             &self.session_path(peer, device),
             &session.encode(),
