@@ -134,15 +134,15 @@ pub fn run(args: &[String]) -> Result<()> {
         per = per_file / 1024,
     );
     println!("{table}");
-    rewrite_section(&root.join("docs/BENCHMARKS.md"), &table)?;
+    rewrite_section(&root.join("docs/BENCHMARKS.md"), START, END, &table)?;
     Ok(())
 }
 
-/// Replaces the text between the markers (inclusive) or appends it.
-pub fn rewrite_section(path: &Path, section: &str) -> Result<()> {
+/// Replaces the text between the markers `start` and `end` (inclusive) or appends it.
+pub fn rewrite_section(path: &Path, start: &str, end: &str, section: &str) -> Result<()> {
     let doc = fs::read_to_string(path).unwrap_or_default();
-    let updated = match (doc.find(START), doc.find(END)) {
-        (Some(s), Some(e)) if e > s => format!("{}{section}{}", &doc[..s], &doc[e + END.len()..]),
+    let updated = match (doc.find(start), doc.find(end)) {
+        (Some(s), Some(e)) if e > s => format!("{}{section}{}", &doc[..s], &doc[e + end.len()..]),
         _ => format!("{doc}\n{section}\n"),
     };
     fs::write(path, updated).with_context(|| format!("cannot write {}", path.display()))

@@ -2,9 +2,13 @@
 //!
 //! - `deps`: install what the tests need (Debian packages, rustup targets), idempotently;
 //! - `test`: the project's test command: deps, the workspace tests, the wasm32 builds;
-//! - `bench-sign`: sign + verify of a 200 MB tree against the minisign CLI, same run.
+//! - `bench-sign`: sign + verify of a 200 MB tree against the minisign CLI, same run;
+//! - `wasm`: chat_core.wasm and its JS glue for the browser;
+//! - `bench-wasm`: chat-core natively (criterion) against the same operations in wasm (Node.js).
 
 mod bench_sign;
+mod bench_wasm;
+mod wasm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +16,11 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the test suites drive for real.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("minisign", "minisign"), ("openssl", "openssl")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("minisign", "minisign"),
+    ("openssl", "openssl"),
+    ("nats-server", "nats-server"),
+];
 /// Rust targets the workspace builds for.
 const RUST_TARGETS: &[&str] = &["wasm32-unknown-unknown", "x86_64-unknown-linux-musl"];
 /// Crates that must build for the browser.
@@ -31,13 +39,17 @@ fn run() -> Result<()> {
         Some("deps") => deps(),
         Some("test") => test(&args[1..]),
         Some("bench-sign") => bench_sign::run(&args[1..]),
+        Some("wasm") => wasm::run(&args[1..]),
+        Some("bench-wasm") => bench_wasm::run(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  deps         install Debian packages and rustup targets the tests need\n  \
                  test         deps, then every test of the workspace and the wasm32 builds\n  \
-                 bench-sign   chatctl sign/verify of a 200 MB tree vs minisign -S/-V (--size-mb N)"
+                 bench-sign   chatctl sign/verify of a 200 MB tree vs minisign -S/-V (--size-mb N)\n  \
+                 wasm         build chat_core.wasm + chat_core.js into --out DIR\n  \
+                 bench-wasm   chat-core natively vs in wasm under Node.js; writes docs/BENCHMARKS.md"
             );
             bail!("unknown or missing task");
         }
