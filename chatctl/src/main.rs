@@ -1,7 +1,8 @@
 //! chatctl: the ChatApp operator CLI.
 //!
 //! Parses the command line (clap), runs the subcommand, and turns errors into one readable
-//! message on stderr and an exit status: 0 success, 1 refused or failed, 2 usage error.
+//! message on stderr and an exit status: 0 success, 1 refused or failed, 2 usage error, 3 no
+//! Docker engine (cluster subcommands).
 #![forbid(unsafe_code)]
 
 mod cmd;
@@ -20,7 +21,8 @@ use clap::{Parser, Subcommand};
     after_help = "Start here:\n  \
         chatctl keys init           create the release, directory, TLS and data-at-rest keys\n  \
         chatctl sign --version 1.0.0 DIR   sign a client bundle (minisign-compatible)\n  \
-        chatctl verify DIR          check a signed bundle as a client would\n\n\
+        chatctl verify DIR          check a signed bundle as a client would\n  \
+        chatctl up --replicas 3     a local cluster in Docker (ps, logs, scale, down)\n\n\
         Run `chatctl <command> --help` for examples."
 )]
 struct Cli {
@@ -44,6 +46,14 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Run a local chat server (Docker cluster, or one embedded process without Docker).
     Up(cmd::up::UpArgs),
+    /// Stop and remove a project's containers and network (and volumes with --volumes).
+    Down(cmd::down::DownArgs),
+    /// List a project's containers: service, instance, state, health, ports.
+    Ps(cmd::ps::PsArgs),
+    /// Show (or follow) the logs of a project's containers.
+    Logs(cmd::logs::LogsArgs),
+    /// Set the number of chat-server containers of a running project.
+    Scale(cmd::scale::ScaleArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,10 +65,18 @@ fn main() -> ExitCode {
         Command::Chat(args) => cmd::chat::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Up(args) => cmd::up::run(args),
+        Command::Down(args) => cmd::down::run(args),
+        Command::Ps(args) => cmd::ps::run(args),
+        Command::Logs(args) => cmd::logs::run(args),
+        Command::Scale(args) => cmd::scale::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            if let Some(no_engine) = err.downcast_ref::<cmd::up::NoEngine>() {
+                eprintln!("chatctl: error: no Docker engine: {no_engine}");
+                return ExitCode::from(3);
+            }
             if let Some(refused) = err.downcast_ref::<cmd::release::Refused>() {
                 eprintln!("chatctl: refused: {refused}");
             } else {

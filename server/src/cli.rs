@@ -1,5 +1,6 @@
-//! The `chat-server` command line: `serve` runs a node, `healthcheck` probes one (for container
-//! health checks, no shell needed). Shared by the `chat-server` binary and the test-only
+//! The `chat-server` command line: `serve` runs a node, `gateway` runs the cluster's entry (TLS,
+//! least connections over the servers), `healthcheck` probes one (for container health checks,
+//! no shell needed). Shared by the `chat-server` binary and the test-only
 //! `chat-server-hostile`.
 
 use std::net::SocketAddr;
@@ -53,6 +54,33 @@ enum Command {
         #[arg(long, value_enum)]
         hostile: Option<crate::hostile::HostileMode>,
     },
+    /// Run the gateway: TLS termination and least-connections over upstream servers.
+    #[command(after_help = "Examples:\n  \
+        chat-server gateway --listen 0.0.0.0:8443 --keys /keys --upstream server:8443\n  \
+        chat-server gateway --listen 127.0.0.1:9443 --keys .chatctl/keys \\\n      \
+        --upstream 127.0.0.1:8443 --upstream 127.0.0.1:8444\n\n\
+        Each --upstream HOST:PORT is resolved again every second and every address it has is\n\
+        an upstream (a Docker network alias names all servers). Upstreams are reached over TLS\n\
+        and must present a certificate from the key directory's CA for --upstream-name.\n\
+        The gateway answers /healthz, /readyz (200 when an upstream is ready) and\n\
+        /gateway/metrics itself; everything else, WebSockets included, is relayed.")]
+    Gateway {
+        /// Address to listen on (TLS).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// Key directory (from `chatctl keys init`).
+        #[arg(long)]
+        keys: PathBuf,
+        /// Upstream chat-server, HOST:PORT; repeat for more.
+        #[arg(long, required = true)]
+        upstream: Vec<String>,
+        /// Name the upstream certificates are checked against.
+        #[arg(long, default_value = "localhost")]
+        upstream_name: String,
+        /// Milliseconds between upstream discovery and readiness probes.
+        #[arg(long, default_value_t = 1000)]
+        probe_interval_ms: u64,
+    },
     /// Exit 0 when GET URL answers 200 (a container HEALTHCHECK).
     #[command(
         after_help = "Example:\n  chat-server healthcheck --url https://localhost:8443/healthz --ca /keys/tls/ca.pem"
@@ -103,6 +131,19 @@ pub fn main() -> ExitCode {
                 };
                 serve(options).await
             }
+            Command::Gateway {
+                listen,
+                keys,
+                upstream,
+                upstream_name,
+                probe_interval_ms,
+            } => {
+                let mut config = crate::gateway::GatewayConfig::new(listen, keys, upstream);
+                config.upstream_name = upstream_name;
+                config.probe_interval =
+                    std::time::Duration::from_millis(probe_interval_ms.max(100));
+                gateway(config).await
+            }
             Command::Healthcheck { url, ca, timeout } => {
                 crate::healthcheck::probe(
                     &url,
@@ -133,7 +174,20 @@ struct ServeOptions {
     hostile: Option<crate::hostile::HostileMode>,
 }
 
-async fn serve(o: ServeOptions) -> Result<()> {
+async fn gateway(config: crate::gateway::GatewayConfig) -> Result<()> {
+    init_logging();
+    let gateway = crate::gateway::start(config).await?;
+    let stopper = gateway.stopper();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: shutting down");
+        stopper.send_replace(true);
+    });
+    gateway.wait().await;
+    Ok(())
+}
+
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -144,6 +198,10 @@ async fn serve(o: ServeOptions) -> Result<()> {
                 && std::env::var_os("NO_COLOR").is_none(),
         )
         .init();
+}
+
+async fn serve(o: ServeOptions) -> Result<()> {
+    init_logging();
     let file = match o.config {
         Some(path) => ConfigFile::load(&path)?,
         None => ConfigFile::default(),

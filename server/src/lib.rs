@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod directory;
+pub mod gateway;
 pub mod healthcheck;
 #[cfg(feature = "hostile")]
 pub mod hostile;

@@ -2,6 +2,10 @@
 
 pub mod bench;
 pub mod chat;
+pub mod down;
 pub mod keys;
+pub mod logs;
+pub mod ps;
 pub mod release;
+pub mod scale;
 pub mod up;

@@ -1,15 +1,32 @@
-//! `chatctl up`: run ChatApp locally. Without a Docker engine (or with `--runtime process`) it
-//! runs one chat-server in this process with the embedded store, provisioning dev keys when none
-//! exist, and stops cleanly on Ctrl-C.
+//! `chatctl up`: run ChatApp locally. With a Docker engine: a project (network, NATS with
+//! JetStream on a named volume, N chat-server containers, the gateway publishing PORT) built from
+//! offline images and converged idempotently. Without one (or with `--runtime process`): one
+//! chat-server in this process with the embedded store. Dev keys are provisioned when none exist.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use chat_server::config::ServerConfig;
+use chatctl::runtime::cluster::{self, ClusterConfig};
+use chatctl::runtime::docker::DockerRuntime;
+use chatctl::runtime::image;
+use chatctl::runtime::process::{EmbeddedCluster, EmbeddedOptions};
+use chatctl::runtime::{ContainerStatus, ImageBuild, Runtime, Service};
 use clap::{Args, ValueEnum};
+use serde::Deserialize;
 
 use crate::cmd::keys;
+
+/// Default project name.
+pub const DEFAULT_PROJECT: &str = "chatapp";
+/// The config file read when present and no `--config` is given.
+pub const DEFAULT_CONFIG: &str = "chatctl.toml";
+
+/// No Docker engine answered: exit status 3, so scripts can tell it from other failures.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoEngine(pub String);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RuntimeKind {
@@ -21,24 +38,80 @@ pub enum RuntimeKind {
     Process,
 }
 
+/// `--project`, shared by every cluster subcommand.
+#[derive(Debug, Args)]
+pub struct ProjectArgs {
+    /// Project name: prefix of every container, network and volume, and their label.
+    #[arg(long, short = 'p', env = "CHATCTL_PROJECT", default_value = DEFAULT_PROJECT)]
+    pub project: String,
+}
+
+impl ProjectArgs {
+    pub fn name(&self) -> Result<&str> {
+        validate_project(&self.project)?;
+        Ok(&self.project)
+    }
+}
+
+/// A project name is lowercase letters, digits, `-` and `_`, starting with a letter or digit.
+pub fn validate_project(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !ok {
+        bail!("bad project name {name:?}: use lowercase letters, digits, '-' and '_' (at most 48)");
+    }
+    Ok(())
+}
+
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
-    chatctl up                      # https://localhost:8443, dev keys in .chatctl/keys\n  \
+    chatctl up                      # Docker: NATS, 1 server, gateway on https://localhost:8443\n  \
+    chatctl up --replicas 3 --detach --project demo\n  \
+    chatctl up --runtime process    # no Docker: one embedded server\n  \
     chatctl up --port 9443 --keys /etc/chatapp/keys\n\n\
     Then, in another terminal:\n  \
     chatctl chat register alice && chatctl chat register bob\n  \
-    chatctl chat send --as alice bob hello && chatctl chat recv --as bob")]
+    chatctl chat send --as alice bob hello && chatctl chat recv --as bob\n\n\
+    Settings come from the flags, then chatctl.toml ([cluster] project, replicas, port, keys,\n\
+    bind, server_binary), then defaults. Running `up` again with the same settings changes\n\
+    nothing; changed settings or a new binary are rolled out one container at a time.\n\
+    Exit status: 0 all healthy, 1 failed, 2 usage error, 3 no Docker engine (--runtime docker).")]
 pub struct UpArgs {
-    /// Port to serve HTTPS and WebSockets on (localhost).
-    #[arg(long, default_value_t = 8443)]
-    pub port: u16,
-    /// Key directory; dev keys are created there when it holds none.
-    #[arg(long, default_value = keys::DEFAULT_DIR)]
-    pub keys: PathBuf,
-    /// Where the embedded store keeps its data.
+    /// Project name (Docker runtime).
+    #[arg(long, short = 'p', env = "CHATCTL_PROJECT")]
+    pub project: Option<String>,
+    /// Port to serve HTTPS and WebSockets on (localhost). Default 8443.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Key directory; dev keys are created there when it holds none. Default .chatctl/keys.
+    #[arg(long)]
+    pub keys: Option<PathBuf>,
+    /// Number of chat-server containers (Docker runtime). Default: as many as run now, else 1.
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    /// Return once everything is healthy and leave the cluster running.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// Settings file (TOML, `[cluster]` table). Default: ./chatctl.toml when it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Host address the gateway port is published on. Default 127.0.0.1.
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// The chat-server binary to package (default: the static musl build under target/).
+    #[arg(long)]
+    pub server_binary: Option<PathBuf>,
+    /// Seconds to wait until every container is healthy.
+    #[arg(long, default_value_t = 120)]
+    pub wait_timeout: u64,
+    /// Where the embedded store keeps its data (process runtime).
     #[arg(long, default_value = ".chatctl/data")]
     pub data: PathBuf,
-    /// Serve this signed client bundle at the root URL.
+    /// Serve this signed client bundle at the root URL (process runtime).
     #[arg(long)]
     pub bundle: Option<PathBuf>,
     /// How to run the servers.
@@ -46,52 +119,339 @@ pub struct UpArgs {
     pub runtime: RuntimeKind,
 }
 
-pub fn run(args: UpArgs) -> Result<()> {
-    match args.runtime {
-        RuntimeKind::Docker => bail!(
-            "the Docker runtime is not available in this build yet; run `chatctl up --runtime process`"
-        ),
-        RuntimeKind::Auto | RuntimeKind::Process => run_process(args),
+/// `chatctl.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub cluster: ClusterSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub project: Option<String>,
+    pub replicas: Option<u32>,
+    pub port: Option<u16>,
+    pub keys: Option<PathBuf>,
+    pub bind: Option<String>,
+    pub server_binary: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    pub fn load(explicit: Option<&Path>) -> Result<Self> {
+        let path = match explicit {
+            Some(p) => p.to_owned(),
+            None if Path::new(DEFAULT_CONFIG).is_file() => PathBuf::from(DEFAULT_CONFIG),
+            None => return Ok(Self::default()),
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a valid chatctl config (see docs/OPERATIONS.md)",
+                path.display()
+            )
+        })
     }
 }
 
-fn run_process(args: UpArgs) -> Result<()> {
-    if !args.keys.join(keys::DIRECTORY_KEY).exists() {
-        keys::init(&args.keys, None, false)?;
-        std::fs::write(
-            args.keys.join("DEV-KEYS.txt"),
-            "These keys were made by `chatctl up` for local development. They are unencrypted.\n\
-             Do not use them for a deployment: run `chatctl keys init` instead.\n",
-        )
-        .with_context(|| format!("cannot write {}", args.keys.display()))?;
-        eprintln!(
-            "Created DEV keys (unencrypted, for local use only) in {}",
-            args.keys.display()
-        );
+pub fn run(args: UpArgs) -> Result<()> {
+    let file = ConfigFile::load(args.config.as_deref())?;
+    let keys_dir = args
+        .keys
+        .clone()
+        .or(file.cluster.keys.clone())
+        .unwrap_or_else(|| PathBuf::from(keys::DEFAULT_DIR));
+    let port = args.port.or(file.cluster.port).unwrap_or(8443);
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match args.runtime {
+        RuntimeKind::Process => run_process(&rt, &args, &keys_dir, port),
+        RuntimeKind::Docker => {
+            let docker = rt
+                .block_on(DockerRuntime::connect())
+                .map_err(|e| NoEngine(format!("{e:#}")))?;
+            run_docker(&rt, &docker, &args, &file, &keys_dir, port)
+        }
+        RuntimeKind::Auto => match rt.block_on(DockerRuntime::connect()) {
+            Ok(docker) => run_docker(&rt, &docker, &args, &file, &keys_dir, port),
+            Err(e) => {
+                eprintln!(
+                    "No Docker engine answers ({}): running one embedded server instead.",
+                    e.root_cause()
+                );
+                run_process(&rt, &args, &keys_dir, port)
+            }
+        },
     }
-    let mut config = ServerConfig::new(
-        SocketAddr::from((Ipv4Addr::LOCALHOST, args.port)),
-        args.data.clone(),
-        args.keys.clone(),
+}
+
+fn ensure_keys(keys_dir: &Path) -> Result<()> {
+    if keys_dir.join(keys::DIRECTORY_KEY).exists() {
+        return Ok(());
+    }
+    keys::init(keys_dir, None, false)?;
+    std::fs::write(
+        keys_dir.join("DEV-KEYS.txt"),
+        "These keys were made by `chatctl up` for local development. They are unencrypted.\n\
+         Do not use them for a deployment: run `chatctl keys init` instead.\n",
+    )
+    .with_context(|| format!("cannot write {}", keys_dir.display()))?;
+    eprintln!(
+        "Created DEV keys (unencrypted, for local use only) in {}",
+        keys_dir.display()
     );
-    config.bundle_dir = args.bundle.clone();
-    config.server_name = "chatctl-up".into();
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
-        let server = chat_server::server::start(config).await?;
+    Ok(())
+}
+
+fn run_process(
+    rt: &tokio::runtime::Runtime,
+    args: &UpArgs,
+    keys_dir: &Path,
+    port: u16,
+) -> Result<()> {
+    ensure_keys(keys_dir)?;
+    let options = EmbeddedOptions {
+        port,
+        keys: keys_dir.to_owned(),
+        data: args.data.clone(),
+        bundle: super::bundle::bundle_for_up(keys_dir, args.bundle.as_deref()),
+        servers: 1,
+    };
+    rt.block_on(async move {
+        let cluster = EmbeddedCluster::start(&options).await?;
+        let port = cluster
+            .servers
+            .first()
+            .map_or(port, |s| s.local_addr.port());
         println!(
-            "ChatApp is running at https://localhost:{} (one embedded server, data in {})\n\
+            "ChatApp is running at https://localhost:{port} (one embedded server, data in {})\n\
              CA certificate: {}\nPress Ctrl-C to stop.",
-            server.local_addr.port(),
-            args.data.display(),
-            args.keys.join(keys::TLS_CA).display()
+            options.data.display(),
+            options.keys.join(keys::TLS_CA).display()
         );
         tokio::signal::ctrl_c()
             .await
             .context("cannot wait for Ctrl-C")?;
         eprintln!("Stopping…");
-        server.shutdown().await;
+        cluster.shutdown().await;
         eprintln!("Stopped.");
         Ok(())
     })
+}
+
+/// Whether `chat-server serve` of this binary knows `--store` (the NATS store).
+fn server_has_nats_store(binary: &Path) -> bool {
+    std::process::Command::new(binary)
+        .args(["serve", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--store"))
+        .unwrap_or(false)
+}
+
+/// Builds `build` unless an image with its tag exists; shows a spinner meanwhile.
+pub async fn ensure_image(runtime: &impl Runtime, build: &ImageBuild) -> Result<()> {
+    if runtime.image_exists(&build.tag).await? {
+        eprintln!(" \u{2714} Image {:<40} Present", build.tag);
+        return Ok(());
+    }
+    let started = Instant::now();
+    let bar = chatctl::progress::spinner(format!(
+        "Building image {} ({} MB context)",
+        build.tag,
+        build.context.len() / 1_000_000
+    ));
+    let tag = build.tag.clone();
+    let mut on_line = |line: &str| bar.set_message(format!("Building {tag}: {line}"));
+    let result = runtime.build_image(build, &mut on_line).await;
+    bar.finish_and_clear();
+    result?;
+    eprintln!(
+        " \u{2714} Image {:<40} Built in {:.1}s",
+        build.tag,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_docker(
+    rt: &tokio::runtime::Runtime,
+    docker: &DockerRuntime,
+    args: &UpArgs,
+    file: &ConfigFile,
+    keys_dir: &Path,
+    port: u16,
+) -> Result<()> {
+    let project = args
+        .project
+        .clone()
+        .or(file.cluster.project.clone())
+        .unwrap_or_else(|| DEFAULT_PROJECT.to_owned());
+    validate_project(&project)?;
+    ensure_keys(keys_dir)?;
+    let keys_abs = std::fs::canonicalize(keys_dir)
+        .with_context(|| format!("cannot resolve {}", keys_dir.display()))?;
+    let binary = image::find_server_binary(
+        args.server_binary
+            .as_deref()
+            .or(file.cluster.server_binary.as_deref()),
+    )?;
+    let libs = image::shared_libraries(&binary)?;
+    if !libs.is_empty() {
+        eprintln!(
+            "Note: {} is not static; packaging it with {} libraries from this host \
+             (build the static one: `cargo build --release --target {} -p chat-server`).",
+            binary.display(),
+            libs.len(),
+            image::MUSL_TARGET
+        );
+    }
+    let started = Instant::now();
+    rt.block_on(async {
+        let server_build = image::server_image(&binary)?;
+        ensure_image(docker, &server_build).await?;
+        let nats_base = docker.find_local_image("nats").await?;
+        let nats_binary = image::find_nats_server();
+        let nats_build = image::nats_image(nats_base.as_deref(), nats_binary.as_deref(), &binary)?;
+        ensure_image(docker, &nats_build).await?;
+        let existing = docker.list_containers(&project).await?;
+        let running_servers = existing
+            .iter()
+            .filter(|c| c.service == Service::Server)
+            .count();
+        let replicas = args
+            .replicas
+            .or(file.cluster.replicas)
+            .or_else(|| u32::try_from(running_servers).ok().filter(|n| *n > 0))
+            .unwrap_or(1);
+        if replicas == 0 {
+            bail!("--replicas must be at least 1 (use `chatctl down` to stop everything)");
+        }
+        let nats_store = server_has_nats_store(&binary);
+        if !nats_store {
+            eprintln!(
+                "Note: this chat-server has no NATS store yet (`serve --store`); each server keeps \
+                 an embedded store, so servers do not share users or mailboxes."
+            );
+        }
+        let config = ClusterConfig {
+            project: project.clone(),
+            replicas,
+            port,
+            bind: args
+                .bind
+                .clone()
+                .or(file.cluster.bind.clone())
+                .unwrap_or_else(|| "127.0.0.1".to_owned()),
+            keys: keys_abs.clone(),
+            server_image: server_build.tag.clone(),
+            nats_image: nats_build.tag.clone(),
+            nats_store,
+        };
+        let changed =
+            cluster::converge(docker, &config, Duration::from_secs(args.wait_timeout)).await?;
+        let all = docker.list_containers(&project).await?;
+        print_running(&all);
+        eprintln!(
+            "{} in {:.1}s: https://localhost:{port} (CA certificate {})",
+            if changed == 0 { "Up to date" } else { "Ready" },
+            started.elapsed().as_secs_f64(),
+            keys_abs.join(keys::TLS_CA).display()
+        );
+        if args.detach {
+            return Ok(());
+        }
+        foreground(docker, &project).await
+    })
+}
+
+/// `[+] Running 4/4` and a line per container.
+pub fn print_running(all: &[ContainerStatus]) {
+    let ready = all.iter().filter(|c| c.is_ready()).count();
+    eprintln!("[+] Running {ready}/{}", all.len());
+    for c in all {
+        let what = match c.health {
+            chatctl::runtime::Health::None => c.state.clone(),
+            h => format!("{} ({})", c.state, h.as_str()),
+        };
+        eprintln!(" \u{2714} Container {:<28} {what}", c.name);
+    }
+}
+
+/// Live status until Ctrl-C, then stops the project's containers (gateway first).
+async fn foreground(docker: &DockerRuntime, project: &str) -> Result<()> {
+    eprintln!("Press Ctrl-C to stop (or run `chatctl up --detach` next time).");
+    let tty = std::io::stderr().is_terminal();
+    let bar = chatctl::progress::spinner(String::new());
+    let mut last = String::new();
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        tokio::select! {
+            r = &mut ctrl_c => {
+                r.context("cannot wait for Ctrl-C")?;
+                break;
+            }
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let all = docker.list_containers(project).await?;
+        let line = all
+            .iter()
+            .map(|c| format!("{}:{}", c.name, short_state(c)))
+            .collect::<Vec<_>>()
+            .join("  ");
+        if tty {
+            bar.set_message(line);
+        } else if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+    }
+    bar.finish_and_clear();
+    eprintln!("Stopping…");
+    let mut all = docker.list_containers(project).await?;
+    all.sort_by(|a, b| (b.service, b.instance).cmp(&(a.service, a.instance)));
+    for c in all {
+        docker
+            .stop_container(&c.container_id, cluster::STOP_GRACE_SECS)
+            .await?;
+        cluster::report(&c.name, "Stopped");
+    }
+    eprintln!("Stopped (containers kept; `chatctl down` removes them).");
+    Ok(())
+}
+
+fn short_state(c: &ContainerStatus) -> String {
+    if c.is_running() && c.health != chatctl::runtime::Health::None {
+        c.health.as_str().to_owned()
+    } else {
+        c.state.clone()
+    }
+}
+
+/// Connects to Docker for the cluster subcommands (`down`, `ps`, `logs`, `scale`).
+pub fn connect(rt: &tokio::runtime::Runtime) -> Result<DockerRuntime> {
+    rt.block_on(DockerRuntime::connect())
+        .map_err(|e| NoEngine(format!("{e:#}")).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn project_names_are_docker_safe() {
+        assert!(validate_project("chatapp").is_ok());
+        assert!(validate_project("ci-42_x").is_ok());
+        assert!(validate_project("").is_err());
+        assert!(validate_project("Caps").is_err());
+        assert!(validate_project("-lead").is_err());
+        assert!(validate_project("a/b").is_err());
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys() {
+        let ok: ConfigFile = toml::from_str("[cluster]\nreplicas = 3\nport = 9443\n").expect("ok");
+        assert_eq!(ok.cluster.replicas, Some(3));
+        assert!(toml::from_str::<ConfigFile>("[cluster]\nreplica = 3\n").is_err());
+    }
 }
