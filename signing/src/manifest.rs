@@ -465,7 +465,7 @@ impl DirError {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sign"))]
 mod tests {
     use super::*;
     use crate::release::ReleaseSecretKey;
