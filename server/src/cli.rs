@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{ConfigFile, ServerConfig};
+use crate::config::{ConfigFile, ServerConfig, StoreLocation};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -27,7 +27,8 @@ enum Command {
     /// Run a server.
     #[command(after_help = "Examples:\n  \
         chat-server serve --listen 0.0.0.0:8443 --data /var/lib/chatapp --keys /etc/chatapp/keys\n  \
-        chat-server serve --listen 127.0.0.1:8080 --plain-http --data ./data --keys .chatctl/keys --bundle dist/\n\n\
+        chat-server serve --listen 127.0.0.1:8080 --plain-http --data ./data --keys .chatctl/keys --bundle dist/\n  \
+        chat-server serve --listen 0.0.0.0:8443 --data /tmp/unused --keys /keys --store nats://nats:4222\n\n\
         Keys are those written by `chatctl keys init`. Logs go to stderr; set RUST_LOG (e.g. debug).\n\
         SIGTERM or Ctrl-C shut down gracefully: sockets are closed with the reconnect code.")]
     Serve {
@@ -37,6 +38,10 @@ enum Command {
         /// Directory of the embedded store.
         #[arg(long)]
         data: PathBuf,
+        /// `embedded` (in --data, one instance) or `nats://host:port` (JetStream, shared by
+        /// many instances, which then also notify each other of deliveries through NATS).
+        #[arg(long, default_value = "embedded")]
+        store: StoreLocation,
         /// Key directory (from `chatctl keys init`).
         #[arg(long)]
         keys: PathBuf,
@@ -112,6 +117,7 @@ pub fn main() -> ExitCode {
             Command::Serve {
                 listen,
                 data,
+                store,
                 keys,
                 bundle,
                 config,
@@ -122,6 +128,7 @@ pub fn main() -> ExitCode {
                 let options = ServeOptions {
                     listen,
                     data,
+                    store,
                     keys,
                     bundle,
                     config,
@@ -166,6 +173,7 @@ pub fn main() -> ExitCode {
 struct ServeOptions {
     listen: SocketAddr,
     data: PathBuf,
+    store: StoreLocation,
     keys: PathBuf,
     bundle: Option<PathBuf>,
     config: Option<PathBuf>,
@@ -212,6 +220,7 @@ async fn serve(o: ServeOptions) -> Result<()> {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "chat-server".into());
     let mut config = ServerConfig::new(o.listen, o.data, o.keys);
+    config.store = o.store;
     config.bundle_dir = o.bundle;
     config.plain_http = o.plain_http;
     config.server_name = server_name;

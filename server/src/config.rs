@@ -76,11 +76,48 @@ impl ConfigFile {
     }
 }
 
+/// Where the server keeps its data (`--store`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreLocation {
+    /// The embedded redb store in the data directory: one instance.
+    #[default]
+    Embedded,
+    /// NATS JetStream at this URL (`nats://host:port`), shared by many instances.
+    Nats(String),
+}
+
+impl std::str::FromStr for StoreLocation {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        if s == "embedded" {
+            Ok(StoreLocation::Embedded)
+        } else if s.starts_with("nats://") && s.len() > "nats://".len() {
+            Ok(StoreLocation::Nats(s.to_owned()))
+        } else {
+            Err(format!(
+                "expected `embedded` or `nats://host:port`, got {s:?}"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Embedded => f.write_str("embedded"),
+            StoreLocation::Nats(url) => f.write_str(url),
+        }
+    }
+}
+
 /// Everything a running server needs to know.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// The embedded store (in `data_dir`) or a NATS server.
+    pub store: StoreLocation,
     pub keys_dir: PathBuf,
     pub bundle_dir: Option<PathBuf>,
     /// Plain HTTP instead of TLS; only allowed on a loopback address.
@@ -98,6 +135,7 @@ impl ServerConfig {
         Self {
             listen,
             data_dir,
+            store: StoreLocation::Embedded,
             keys_dir,
             bundle_dir: None,
             plain_http: false,

@@ -2,7 +2,8 @@
 //! `DirectoryLeaf` to an RFC 9162 Merkle log, and tree heads are signed with the directory key.
 //!
 //! The leaves are durable in the `Store`; the Merkle tree is rebuilt from them at start and kept
-//! in memory. Heads are signed at most once a second (a background tick, or on demand when a
+//! in memory. Several instances may share the store (NATS): before every append, head, proof
+//! and device lookup the tree catches up with the leaves other instances appended. Heads are signed at most once a second (a background tick, or on demand when a
 //! client asks and the log has grown), and re-signed hourly so clients always find a head younger
 //! than their 24 h freshness limit.
 
@@ -77,45 +78,23 @@ impl Directory {
         store: Arc<dyn Store>,
         key: DirectorySigningKey,
     ) -> Result<Self, DirectoryError> {
-        let count = store.leaf_count().await?;
-        let mut tree = MerkleLog::new();
-        let mut devices = HashMap::new();
-        let mut next = 0u64;
-        while next < count {
-            let batch = store.leaves(next, REPLAY_BATCH).await?;
-            if batch.is_empty() {
-                break;
-            }
-            for bytes in batch {
-                let leaf =
-                    DirectoryLeaf::decode(&bytes).map_err(|e| DirectoryError::CorruptLeaf {
-                        index: next,
-                        reason: e.to_string(),
-                    })?;
-                let index = tree.push(&bytes);
-                devices.insert(
-                    (leaf.username, leaf.device_id),
-                    DeviceEntry {
-                        leaf_index: index,
-                        version: leaf.version,
-                    },
-                );
-                next += 1;
-            }
-        }
+        let mut state = LogState {
+            tree: MerkleLog::new(),
+            devices: HashMap::new(),
+            head: None,
+            signed_at: None,
+        };
+        catch_up(store.as_ref(), &mut state, None).await?;
+        let tree = &state.tree;
         let head = match store.latest_tree_head().await? {
             Some(bytes) => SignedTreeHead::from_bytes(&bytes).ok().filter(|h| {
                 h.tree_size <= tree.len() && tree.root_at(h.tree_size).ok() == Some(h.root)
             }),
             None => None,
         };
+        state.head = head;
         Ok(Self {
-            state: Mutex::new(LogState {
-                tree,
-                devices,
-                head,
-                signed_at: None,
-            }),
+            state: Mutex::new(state),
             key,
             store,
         })
@@ -123,9 +102,8 @@ impl Directory {
 
     /// The current entry of a device, if registered.
     pub async fn device(&self, username: &str, device_id: u32) -> Option<DeviceEntry> {
-        self.state
-            .lock()
-            .await
+        let state = self.synced().await;
+        state
             .devices
             .get(&(username.to_owned(), device_id))
             .copied()
@@ -133,7 +111,7 @@ impl Directory {
 
     /// Every registered device of a user, sorted by id.
     pub async fn devices_of(&self, username: &str) -> Vec<(u32, DeviceEntry)> {
-        let state = self.state.lock().await;
+        let state = self.synced().await;
         let mut out: Vec<(u32, DeviceEntry)> = state
             .devices
             .iter()
@@ -148,10 +126,13 @@ impl Directory {
     /// that device. Returns the leaf index.
     pub async fn append(&self, mut leaf: DirectoryLeaf) -> Result<u64, DirectoryError> {
         let mut state = self.state.lock().await;
+        catch_up(self.store.as_ref(), &mut state, None).await?;
         let key = (leaf.username.clone(), leaf.device_id);
         leaf.version = state.devices.get(&key).map_or(1, |e| e.version + 1);
         let bytes = leaf.encode();
         let stored_index = self.store.append_leaf(bytes.clone()).await?;
+        // Other instances may have appended since the catch-up: take their leaves first.
+        catch_up(self.store.as_ref(), &mut state, Some(stored_index)).await?;
         let index = state.tree.push(&bytes);
         if stored_index != index {
             return Err(DirectoryError::CorruptLeaf {
@@ -175,6 +156,7 @@ impl Directory {
         loop {
             let wait = {
                 let mut state = self.state.lock().await;
+                catch_up(self.store.as_ref(), &mut state, None).await?;
                 match self.needs_signing(&state) {
                     None => {
                         if let Some(head) = state.head.clone() {
@@ -218,6 +200,7 @@ impl Directory {
     /// Signs a head if one is due; called by the background tick.
     pub async fn tick(&self) -> Result<(), DirectoryError> {
         let mut state = self.state.lock().await;
+        catch_up(self.store.as_ref(), &mut state, None).await?;
         if self.needs_signing(&state) == Some(Duration::ZERO) {
             self.sign_locked(&mut state).await?;
         }
@@ -230,7 +213,8 @@ impl Directory {
         old_size: u64,
         head: &SignedTreeHead,
     ) -> Result<Vec<Hash>, DirectoryError> {
-        let state = self.state.lock().await;
+        let mut state = self.state.lock().await;
+        catch_up(self.store.as_ref(), &mut state, Some(head.tree_size)).await?;
         Ok(state.tree.consistency_proof(old_size, head.tree_size)?)
     }
 
@@ -241,7 +225,8 @@ impl Directory {
         device_id: u32,
         head: &SignedTreeHead,
     ) -> Result<Option<(u64, Vec<Hash>)>, DirectoryError> {
-        let state = self.state.lock().await;
+        let mut state = self.state.lock().await;
+        catch_up(self.store.as_ref(), &mut state, None).await?;
         let Some(entry) = state.devices.get(&(username.to_owned(), device_id)) else {
             return Ok(None);
         };
@@ -269,6 +254,55 @@ impl Directory {
 
     /// Number of leaves in the log.
     pub async fn size(&self) -> u64 {
-        self.state.lock().await.tree.len()
+        self.synced().await.tree.len()
     }
+
+    /// The state, caught up with the store if it can be (a store error is logged and the
+    /// state used as it is: callers of this cannot report errors).
+    async fn synced(&self) -> tokio::sync::MutexGuard<'_, LogState> {
+        let mut state = self.state.lock().await;
+        if let Err(e) = catch_up(self.store.as_ref(), &mut state, None).await {
+            tracing::warn!(error = %e, "cannot catch up with the directory log");
+        }
+        state
+    }
+}
+
+/// Pushes the leaves the store holds beyond the local tree: up to `until` (exclusive), or up to
+/// the store's leaf count when `None`.
+async fn catch_up(
+    store: &dyn Store,
+    state: &mut LogState,
+    until: Option<u64>,
+) -> Result<(), DirectoryError> {
+    let target = match until {
+        Some(n) => n,
+        None => store.leaf_count().await?,
+    };
+    while state.tree.len() < target {
+        let next = state.tree.len();
+        let batch = store.leaves(next, REPLAY_BATCH.min(target - next)).await?;
+        if batch.is_empty() {
+            return Err(DirectoryError::CorruptLeaf {
+                index: next,
+                reason: format!("the store has fewer than {target} leaves"),
+            });
+        }
+        for bytes in batch {
+            let index = state.tree.len();
+            let leaf = DirectoryLeaf::decode(&bytes).map_err(|e| DirectoryError::CorruptLeaf {
+                index,
+                reason: e.to_string(),
+            })?;
+            state.tree.push(&bytes);
+            state.devices.insert(
+                (leaf.username, leaf.device_id),
+                DeviceEntry {
+                    leaf_index: index,
+                    version: leaf.version,
+                },
+            );
+        }
+    }
+    Ok(())
 }

@@ -3,10 +3,12 @@
 //!
 //! Layers, outside in: [`server`] (accept, TLS, hyper, graceful shutdown) -> [`http`] (routes)
 //! -> [`ws`] (one WebSocket session) -> [`node`] (frame handling, shared state) -> [`directory`]
-//! (transparency log) and [`store`] (durable, sealed storage).
+//! (transparency log) and [`store`] (durable, sealed storage); [`backplane`] wakes delivery
+//! loops across instances that share a NATS store.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod backplane;
 pub mod bundle;
 pub mod cli;
 pub mod config;

@@ -3,7 +3,7 @@
 //! A [`Session`] is one connection's protocol state (hello, login challenge, authenticated
 //! device); [`Node::handle`] takes a decoded `ClientFrame` and returns the `ServerFrame`s to
 //! send back. Delivery of mailbox contents is pushed separately by the WebSocket layer, woken
-//! through the [`Hub`].
+//! through the [`Backplane`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,46 +20,15 @@ use chat_core::wire::{
 };
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use rand_core::{OsRng, RngCore};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::accounts::{AccountRecord, DeviceRecord};
+use crate::backplane::Backplane;
 use crate::bundle::Bundle;
 use crate::config::ServerConfig;
 use crate::directory::{Directory, unix_now};
 use crate::metrics::Metrics;
 use crate::store::{MailboxId, Store, StoreError};
-
-/// Wakes the delivery loop of a device when its mailbox receives an envelope.
-#[derive(Debug, Default)]
-pub struct Hub {
-    waiters: Mutex<HashMap<MailboxId, Arc<Notify>>>,
-}
-
-impl Hub {
-    /// The notifier of a mailbox (created on first use).
-    pub fn subscribe(&self, mailbox: &MailboxId) -> Arc<Notify> {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        waiters.entry(mailbox.clone()).or_default().clone()
-    }
-
-    /// Drops the notifier when no session holds it any more.
-    pub fn release(&self, mailbox: &MailboxId) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        if waiters
-            .get(mailbox)
-            .is_some_and(|n| Arc::strong_count(n) <= 1)
-        {
-            waiters.remove(mailbox);
-        }
-    }
-
-    pub fn notify(&self, mailbox: &MailboxId) {
-        let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = waiters.get(mailbox) {
-            n.notify_one();
-        }
-    }
-}
 
 /// What is stored in a mailbox per envelope: what `Deliver` needs besides the sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +98,8 @@ pub struct Node {
     pub store: Arc<dyn Store>,
     pub directory: Directory,
     pub metrics: Metrics,
-    pub hub: Hub,
+    /// Wakes delivery loops here and, with NATS, on the other instances.
+    pub backplane: Backplane,
     pub bundle: Option<Bundle>,
     draining: AtomicBool,
     /// Flips to `true` when the server shuts down or drains: sessions close with `Reconnect`.
@@ -207,7 +177,18 @@ fn err(scope: ErrorScope, code: ErrorCode, message: impl Into<String>) -> Server
 const CONN: ErrorScope = ErrorScope::Connection;
 
 impl Node {
+    /// A node whose deliveries are notified within this process only.
     pub fn new(config: ServerConfig, store: Arc<dyn Store>, directory: Directory) -> Self {
+        Self::with_backplane(config, store, directory, Backplane::in_process())
+    }
+
+    /// A node whose deliveries are notified through `backplane`.
+    pub fn with_backplane(
+        config: ServerConfig,
+        store: Arc<dyn Store>,
+        directory: Directory,
+        backplane: Backplane,
+    ) -> Self {
         let bundle = config.bundle_dir.clone().map(Bundle::new);
         #[cfg(feature = "hostile")]
         let hostile = config.hostile.map(crate::hostile::Hostile::new);
@@ -216,7 +197,7 @@ impl Node {
             store,
             directory,
             metrics: Metrics::default(),
-            hub: Hub::default(),
+            backplane,
             bundle,
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
@@ -668,7 +649,7 @@ impl Node {
                     self.metrics.envelopes_duplicate.fetch_add(1, Relaxed);
                 } else {
                     self.metrics.envelopes_stored.fetch_add(1, Relaxed);
-                    self.hub.notify(&mailbox);
+                    self.backplane.notify(&mailbox).await;
                 }
                 vec![ServerFrame::SendAck {
                     message_id,

@@ -21,11 +21,13 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::ServerConfig;
+use crate::backplane::Backplane;
+use crate::config::{ServerConfig, StoreLocation};
 use crate::directory::Directory;
 use crate::node::Node;
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::nats::{NatsOptions, NatsStore};
 use crate::store::seal::DataKeyRing;
 
 pub const DIRECTORY_KEY_FILE: &str = "directory.key";
@@ -58,7 +60,8 @@ impl RunningServer {
     }
 }
 
-/// Opens the store named by the config (the embedded one, in `DATA_DIR/chat.redb`).
+/// Opens the store named by the config: the embedded one in `DATA_DIR/chat.redb`, or the NATS
+/// JetStream store at the configured URL.
 pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>> {
     let keys_path = config.keys_dir.join(DATA_KEY_FILE);
     let text = std::fs::read_to_string(&keys_path).with_context(|| {
@@ -70,12 +73,31 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>> {
     })?;
     let keys =
         DataKeyRing::from_file_string(&text).with_context(|| keys_path.display().to_string())?;
+    if let StoreLocation::Nats(url) = &config.store {
+        let store = NatsStore::connect(url, keys, NatsOptions::default())
+            .await
+            .with_context(|| {
+                format!("cannot open the NATS store at {url}: is nats-server -js running there?")
+            })?;
+        return Ok(Arc::new(store));
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let store = EmbeddedStore::open(&config.data_dir, keys)
         .await
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     Ok(Arc::new(store))
+}
+
+/// The backplane that goes with the store: in-process for the embedded store, NATS pub/sub for
+/// the NATS store.
+pub async fn open_backplane(config: &ServerConfig) -> Result<Backplane> {
+    match &config.store {
+        StoreLocation::Embedded => Ok(Backplane::in_process()),
+        StoreLocation::Nats(url) => Backplane::nats(url)
+            .await
+            .with_context(|| format!("cannot connect the delivery backplane to {url}")),
+    }
 }
 
 /// Starts a server; returns once it is listening.
@@ -99,6 +121,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         )?))
     };
     let store = open_store(&config).await?;
+    let backplane = open_backplane(&config).await?;
     let directory = Directory::open(store.clone(), key)
         .await
         .context("cannot open the key directory")?;
@@ -106,7 +129,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
-    let node = Arc::new(Node::new(config, store, directory));
+    let node = Arc::new(Node::with_backplane(config, store, directory, backplane));
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(accept_loop(node.clone(), listener, tls, stop_rx));
     let ticker = node.clone();
@@ -125,6 +148,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     tracing::info!(
         addr = %local_addr,
         tls = tls_label(&node),
+        store = %node.config.store,
         "chat-server listening"
     );
     Ok(RunningServer {

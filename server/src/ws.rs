@@ -142,7 +142,8 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
         device_id,
     } = &session.state
     {
-        node.hub.release(&MailboxId::new(username, *device_id));
+        node.backplane
+            .release(&MailboxId::new(username, *device_id));
     }
     if let Some((code, reason)) = close {
         let _ = out_tx.send(Outgoing::Close(code, reason)).await;
@@ -153,7 +154,8 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
 
 /// Pushes every envelope of the mailbox in order, then waits for more.
 async fn deliver(node: Arc<Node>, mailbox: MailboxId, out: mpsc::Sender<Outgoing>) {
-    let notify = node.hub.subscribe(&mailbox);
+    let notify = node.backplane.subscribe(&mailbox).await;
+    let resync = node.backplane.resync_interval();
     let mut after = 0u64;
     loop {
         // Register interest before reading, so an append between the read and the wait is not missed.
@@ -194,7 +196,12 @@ async fn deliver(node: Arc<Node>, mailbox: MailboxId, out: mpsc::Sender<Outgoing
             node.metrics.envelopes_delivered.fetch_add(1, Relaxed);
         }
         if !full {
-            notified.await;
+            match resync {
+                Some(every) => {
+                    let _ = tokio::time::timeout(every, notified).await;
+                }
+                None => notified.await,
+            }
         }
     }
 }

@@ -105,6 +105,8 @@ pub struct ServerProcess {
     pub data: PathBuf,
     pub log: PathBuf,
     hostile: Option<String>,
+    /// More `serve` arguments (such as `--store nats://...`), kept across restarts.
+    extra_args: Vec<String>,
 }
 
 impl ServerProcess {
@@ -124,12 +126,35 @@ impl ServerProcess {
         )
     }
 
+    /// Starts a server with more `serve` arguments, e.g. `["--store", "nats://127.0.0.1:4222"]`.
+    pub fn start_with_args(keys: &Path, work: &Path, extra_args: &[&str]) -> Result<Self> {
+        Self::spawn_with_args(
+            keys,
+            &work.join("data"),
+            &work.join("server.log"),
+            0,
+            None,
+            extra_args.iter().map(|a| (*a).to_owned()).collect(),
+        )
+    }
+
     fn spawn(
         keys: &Path,
         data: &Path,
         log: &Path,
         port: u16,
         hostile: Option<String>,
+    ) -> Result<Self> {
+        Self::spawn_with_args(keys, data, log, port, hostile, Vec::new())
+    }
+
+    fn spawn_with_args(
+        keys: &Path,
+        data: &Path,
+        log: &Path,
+        port: u16,
+        hostile: Option<String>,
+        extra_args: Vec<String>,
     ) -> Result<Self> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -152,6 +177,7 @@ impl ServerProcess {
         if let Some(mode) = &hostile {
             cmd.args(["--hostile", mode]);
         }
+        cmd.args(&extra_args);
         let before = std::fs::read_to_string(log).map(|s| s.len()).unwrap_or(0);
         let child = cmd
             .spawn()
@@ -163,6 +189,7 @@ impl ServerProcess {
             data: data.to_owned(),
             log: log.to_owned(),
             hostile,
+            extra_args,
         };
         server.port = server.wait_listening(before)?;
         Ok(server)
@@ -260,12 +287,13 @@ impl ServerProcess {
         if self.child.is_some() {
             self.sigterm()?;
         }
-        let again = Self::spawn(
+        let again = Self::spawn_with_args(
             &self.keys,
             &self.data,
             &self.log,
             self.port,
             self.hostile.clone(),
+            self.extra_args.clone(),
         )?;
         *self = again;
         Ok(())
@@ -278,6 +306,95 @@ impl ServerProcess {
 }
 
 impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A `nats-server -js` process (Debian package `nats-server`) on a free loopback port with its
+/// own store directory; killed on drop. Missing `nats-server` is an error, never a skip.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut server = Self {
+            child: None,
+            port,
+            dir,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())?;
+        let before = std::fs::metadata(self.log()).map_or(0, |m| m.len() as usize);
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path().join("jetstream"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context(
+                "cannot run `nats-server`: these tests need the real server; \
+                 install it with `apt-get install nats-server` (or `cargo xtask deps`)",
+            )?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+            if text
+                .get(before..)
+                .unwrap_or_default()
+                .contains("Server is ready")
+            {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("nats-server exited with {status}:\n{text}");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server not ready within 20 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -37,9 +37,11 @@ use async_trait::async_trait;
 
 pub mod conformance;
 pub mod embedded;
+pub mod nats;
 pub mod seal;
 
 pub use embedded::EmbeddedStore;
+pub use nats::{NatsOptions, NatsStore};
 pub use seal::{DataKeyRing, KeyFileError};
 
 /// How many acked message ids each mailbox remembers for duplicate detection.

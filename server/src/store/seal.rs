@@ -64,6 +64,12 @@ pub enum Table {
     MailboxIds,
     /// (username, device id, seq) -> message id of an acked message still remembered.
     MailboxAcked,
+    /// (username, device id) -> the whole one-time prekey pool of a device (NATS store: one
+    /// compare-and-swap per hand-out).
+    PrekeyPools,
+    /// (username, device id, entry) -> one entry of a mailbox log (NATS store: a message with
+    /// the mailbox counters after it, or an ack marker).
+    MailboxLog,
 }
 
 impl Table {
@@ -78,6 +84,8 @@ impl Table {
             Table::MailboxState => "mailbox_state",
             Table::MailboxIds => "mailbox_ids",
             Table::MailboxAcked => "mailbox_acked",
+            Table::PrekeyPools => "prekey_pools",
+            Table::MailboxLog => "mailbox_log",
         }
     }
 }
