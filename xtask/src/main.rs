@@ -20,6 +20,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("minisign", "minisign"),
     ("openssl", "openssl"),
     ("nats-server", "nats-server"),
+    ("musl-gcc", "musl-tools"),
 ];
 /// Rust targets the workspace builds for.
 const RUST_TARGETS: &[&str] = &["wasm32-unknown-unknown", "x86_64-unknown-linux-musl"];

@@ -409,7 +409,7 @@ async fn foreground(docker: &DockerRuntime, project: &str) -> Result<()> {
     bar.finish_and_clear();
     eprintln!("Stopping…");
     let mut all = docker.list_containers(project).await?;
-    all.sort_by(|a, b| (b.service, b.instance).cmp(&(a.service, a.instance)));
+    all.sort_by_key(|c| std::cmp::Reverse((c.service, c.instance)));
     for c in all {
         docker
             .stop_container(&c.container_id, cluster::STOP_GRACE_SECS)

@@ -234,7 +234,7 @@ pub fn plan(desired: &[ContainerSpec], actual: &[ContainerStatus]) -> Vec<Action
         .filter(|c| !desired.iter().any(|s| s.name == c.name))
         .collect();
     // Highest instance first, like a scale-down would pick them.
-    extra.sort_by(|a, b| (b.service, b.instance).cmp(&(a.service, a.instance)));
+    extra.sort_by_key(|c| std::cmp::Reverse((c.service, c.instance)));
     actions.extend(extra.into_iter().cloned().map(Action::Remove));
     actions
 }
@@ -276,14 +276,26 @@ pub async fn converge(
             Action::Create(spec) => {
                 create_and_start(runtime, &spec).await?;
                 if spec.name == nats_name {
-                    wait_ready(runtime, &config.project, &[spec.name.clone()], timeout).await?;
+                    wait_ready(
+                        runtime,
+                        &config.project,
+                        std::slice::from_ref(&spec.name),
+                        timeout,
+                    )
+                    .await?;
                 }
             }
             Action::Start(c) => {
                 runtime.start_container(&c.container_id).await?;
                 report(&c.name, "Started");
                 if c.name == nats_name {
-                    wait_ready(runtime, &config.project, &[c.name.clone()], timeout).await?;
+                    wait_ready(
+                        runtime,
+                        &config.project,
+                        std::slice::from_ref(&c.name),
+                        timeout,
+                    )
+                    .await?;
                 }
             }
             Action::Replace(old, spec) => {
@@ -293,7 +305,13 @@ pub async fn converge(
                 runtime.remove_container(&old.container_id).await?;
                 report(&old.name, "Recreate");
                 create_and_start(runtime, &spec).await?;
-                wait_ready(runtime, &config.project, &[spec.name.clone()], timeout).await?;
+                wait_ready(
+                    runtime,
+                    &config.project,
+                    std::slice::from_ref(&spec.name),
+                    timeout,
+                )
+                .await?;
                 report(&spec.name, "Healthy");
             }
             Action::Remove(c) => {
@@ -367,7 +385,7 @@ pub async fn wait_ready(
 pub async fn down(runtime: &impl Runtime, project: &str, volumes: bool) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let mut containers = runtime.list_containers(project).await?;
-    containers.sort_by(|a, b| (b.service, b.instance).cmp(&(a.service, a.instance)));
+    containers.sort_by_key(|c| std::cmp::Reverse((c.service, c.instance)));
     for c in containers {
         runtime
             .stop_container(&c.container_id, STOP_GRACE_SECS)

@@ -368,7 +368,7 @@ impl Runtime for DockerRuntime {
                 status,
             });
         }
-        out.sort_by(|a, b| (a.service, a.instance).cmp(&(b.service, b.instance)));
+        out.sort_by_key(|c| (c.service, c.instance));
         Ok(out)
     }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Label naming the project (`chatctl up --project`); carried by containers, networks, volumes.
 pub const LABEL_PROJECT: &str = "io.chatapp.project";
@@ -24,7 +24,7 @@ pub const LABEL_INSTANCE: &str = "io.chatapp.instance";
 pub const LABEL_CONFIG_HASH: &str = "io.chatapp.config-hash";
 
 /// The services of a project.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Service {
     Nats,
@@ -55,7 +55,7 @@ impl std::fmt::Display for Service {
 }
 
 /// Health as `docker ps` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Healthy,
@@ -168,8 +168,8 @@ impl ContainerSpec {
     }
 }
 
-/// A container as observed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A container as observed; `chatctl ps --json` prints a list of these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerStatus {
     pub service: Service,
     pub instance: u32,
@@ -190,6 +190,12 @@ pub struct ContainerStatus {
 }
 
 impl ContainerStatus {
+    /// Reads the output of `chatctl ps --json`.
+    pub fn parse_list(json: &str) -> Result<Vec<Self>> {
+        serde_json::from_str(json)
+            .map_err(|e| anyhow::anyhow!("not `chatctl ps --json` output: {e}"))
+    }
+
     pub fn is_running(&self) -> bool {
         self.state == "running"
     }
@@ -309,5 +315,26 @@ mod tests {
         assert_eq!(labels[LABEL_SERVICE], "server");
         assert_eq!(labels[LABEL_INSTANCE], "1");
         assert_eq!(labels[LABEL_CONFIG_HASH], spec().config_hash());
+    }
+
+    #[test]
+    fn ps_json_round_trips() {
+        let c = ContainerStatus {
+            service: Service::Nats,
+            instance: 1,
+            name: "p-nats-1".into(),
+            container_id: "abc".into(),
+            image: "chatapp/nats:1".into(),
+            state: "running".into(),
+            health: Health::Starting,
+            ports: vec![],
+            config_hash: "h".into(),
+            status: "Up".into(),
+            cluster: None,
+        };
+        let json = serde_json::to_string(&vec![c.clone()]).expect("json");
+        assert!(json.contains("\"health\":\"starting\""));
+        assert!(json.contains("\"service\":\"nats\""));
+        assert_eq!(ContainerStatus::parse_list(&json).expect("parse"), vec![c]);
     }
 }
