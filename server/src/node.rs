@@ -191,7 +191,9 @@ impl Node {
     ) -> Self {
         let bundle = config.bundle_dir.clone().map(Bundle::new);
         #[cfg(feature = "hostile")]
-        let hostile = config.hostile.map(crate::hostile::Hostile::new);
+        let hostile = config
+            .hostile
+            .map(|mode| crate::hostile::Hostile::new(mode, &config));
         Self {
             config,
             store,
@@ -226,6 +228,10 @@ impl Node {
 
     /// Handles one frame; returns the frames to send back in order.
     pub async fn handle(&self, session: &mut Session, frame: ClientFrame) -> Vec<ServerFrame> {
+        #[cfg(feature = "hostile")]
+        if let Some(out) = crate::hostile::intercept(self, session, &frame).await {
+            return out;
+        }
         let out = match frame {
             ClientFrame::Hello {
                 protocol_version, ..
@@ -635,6 +641,12 @@ impl Node {
             envelope,
         };
         let mailbox = MailboxId::new(&to_user, to_device);
+        #[cfg(feature = "hostile")]
+        if let Some(out) =
+            crate::hostile::intercept_send(self, &mailbox, message_id, &record).await
+        {
+            return out;
+        }
         let result = self
             .timed(self.store.append(
                 &mailbox,

@@ -7,11 +7,17 @@
 //!
 //! State of a user, under `HOME/NAME/` (secret files 0600): `device.key` (identity, prekeys),
 //! `directory.state` (heads seen), `sessions/PEER.DEVICE` (ratchet states), `peers` (pinned
-//! identities), `seen` (ids of recently received messages, for exactly-once display).
+//! identities), `seen` (ids of recently received messages, for exactly-once display),
+//! `counters` (per-conversation message counters, sent and received), `latest.head` (the newest
+//! signed tree head, gossiped inside every message).
+//!
+//! What the server cannot hide: every message carries a per-conversation counter, so dropped,
+//! reordered and replayed envelopes are reported as [`Alert`]s; and the sender's latest signed
+//! tree head, which the receiver checks against its own view of the directory (split views).
 
 pub mod conn;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +42,12 @@ pub const DEVICE_ID: u32 = 1;
 pub const PREKEY_BATCH: usize = 50;
 /// Received message ids remembered for de-duplication.
 const SEEN_CAP: usize = 10_000;
+/// Missing counters remembered per conversation (to tell a late message from a replay).
+const MISSING_CAP: usize = 1000;
+/// Version of [`TextMessage`] this client writes.
+pub const TEXT_MESSAGE_VERSION: u8 = 2;
+/// Largest signed tree head carried inside a message.
+const MAX_GOSSIP_HEAD_BYTES: usize = chat_core::wire::MAX_TREE_HEAD_BYTES;
 
 /// Where the client connects and keeps its state.
 #[derive(Debug, Clone)]
@@ -47,31 +59,180 @@ pub struct ClientOptions {
     pub directory_key: PathBuf,
 }
 
-/// The text message inside the encryption: `[version 1][sent_at u64][text]`.
+/// The text message inside the encryption (`docs/PROTOCOL.md`, "Message content").
+///
+/// Version 1: `[1][sent_at u64][text str]`. Version 2 (written now): `[2][counter u64]
+/// [sent_at u64][head opt<bytes<=512>][text str]`. Both decode; a version 1 message has
+/// `counter` 0 (unchecked) and no head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TextMessage {
     pub sent_at: u64,
     pub text: String,
+    /// Position in the conversation from the sender device to the recipient device, from 1.
+    pub counter: u64,
+    /// The sender's latest signed tree head, for the receiver to compare with its own view.
+    pub head: Option<Vec<u8>>,
 }
 
 impl TextMessage {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.u8(1).u64(self.sent_at).str(&self.text);
+        w.u8(TEXT_MESSAGE_VERSION)
+            .u64(self.counter)
+            .u64(self.sent_at);
+        match &self.head {
+            Some(head) => w.u8(1).bytes(head),
+            None => w.u8(0),
+        };
+        w.str(&self.text);
         w.into_bytes()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(bytes);
-        if r.u8()? != 1 {
-            return Err(DecodeError::Invalid("text message version"));
-        }
-        let out = Self {
-            sent_at: r.u64()?,
-            text: r.str(1 << 20)?.to_owned(),
+        let out = match r.u8()? {
+            1 => Self {
+                sent_at: r.u64()?,
+                text: r.str(1 << 20)?.to_owned(),
+                counter: 0,
+                head: None,
+            },
+            2 => {
+                let counter = r.u64()?;
+                let sent_at = r.u64()?;
+                let head = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.bytes(MAX_GOSSIP_HEAD_BYTES)?.to_vec()),
+                    _ => return Err(DecodeError::Invalid("text message head presence")),
+                };
+                Self {
+                    sent_at,
+                    text: r.str(1 << 20)?.to_owned(),
+                    counter,
+                    head,
+                }
+            }
+            _ => return Err(DecodeError::Invalid("text message version")),
         };
         r.finish()?;
         Ok(out)
+    }
+}
+
+/// What a receiving client noticed that the server did (or that went wrong on the way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// Messages of a conversation are missing (dropped, or not arrived yet).
+    Gap,
+    /// A message reported missing arrived late (reordered).
+    Reordered,
+    /// A message arrived again (replayed or duplicated); it is not shown twice.
+    Replay,
+    /// An envelope did not decrypt or decode (tampered); it was dropped.
+    Undecryptable,
+    /// The tree head a peer saw contradicts this device's view of the key directory.
+    SplitView,
+}
+
+/// One alert, naming the peer device involved.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Alert {
+    pub kind: AlertKind,
+    pub from: String,
+    pub from_device: u32,
+    pub detail: String,
+}
+
+/// Per-conversation counters: the next one to send, and what was received.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Counters {
+    next_out: BTreeMap<(String, u32), u64>,
+    /// Highest counter received, and the lower ones still missing.
+    received: BTreeMap<(String, u32), (u64, BTreeSet<u64>)>,
+}
+
+/// What a received counter means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CounterCheck {
+    InOrder,
+    /// Counters in the range were skipped.
+    Gap(u64, u64),
+    /// A counter reported missing arrived.
+    Late,
+    /// A counter already received.
+    Replay,
+}
+
+impl Counters {
+    fn take_next(&mut self, peer: &str, device: u32) -> u64 {
+        let next = self.next_out.entry((peer.to_owned(), device)).or_insert(1);
+        let counter = *next;
+        *next += 1;
+        counter
+    }
+
+    fn receive(&mut self, from: &str, device: u32, counter: u64) -> CounterCheck {
+        if counter == 0 {
+            return CounterCheck::InOrder; // version 1 message: no counter
+        }
+        let (highest, missing) = self.received.entry((from.to_owned(), device)).or_default();
+        if counter > *highest {
+            let gap = (counter > *highest + 1).then(|| (*highest + 1, counter - 1));
+            if let Some((first, last)) = gap {
+                let start = first.max(last.saturating_sub(MISSING_CAP as u64 - 1));
+                missing.extend(start..=last);
+                while missing.len() > MISSING_CAP {
+                    missing.pop_first();
+                }
+            }
+            *highest = counter;
+            gap.map_or(CounterCheck::InOrder, |(a, b)| CounterCheck::Gap(a, b))
+        } else if missing.remove(&counter) {
+            CounterCheck::Late
+        } else {
+            CounterCheck::Replay
+        }
+    }
+
+    fn to_text(&self) -> String {
+        let mut out = String::new();
+        for ((user, device), next) in &self.next_out {
+            out.push_str(&format!("out {user} {device} {next}\n"));
+        }
+        for ((user, device), (highest, missing)) in &self.received {
+            let missing: Vec<String> = missing.iter().map(u64::to_string).collect();
+            let missing = if missing.is_empty() {
+                "-".to_owned()
+            } else {
+                missing.join(",")
+            };
+            out.push_str(&format!("in {user} {device} {highest} {missing}\n"));
+        }
+        out
+    }
+
+    /// Reads [`Self::to_text`]; unreadable lines are skipped (counters only feed alerts).
+    fn from_text(text: &str) -> Self {
+        let mut out = Self::default();
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts.as_slice() {
+                ["out", user, device, next] => {
+                    if let (Ok(d), Ok(n)) = (device.parse(), next.parse()) {
+                        out.next_out.insert(((*user).to_owned(), d), n);
+                    }
+                }
+                ["in", user, device, highest, missing] => {
+                    if let (Ok(d), Ok(h)) = (device.parse(), highest.parse()) {
+                        let missing = missing.split(',').filter_map(|m| m.parse().ok()).collect();
+                        out.received.insert(((*user).to_owned(), d), (h, missing));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
     }
 }
 
@@ -87,6 +248,8 @@ pub struct Received {
     pub time: u64,
     pub server_time: u64,
     pub seq: u64,
+    /// The sender's counter of this conversation (0 from clients that send none).
+    pub counter: u64,
 }
 
 /// What `send_text` did.
@@ -115,6 +278,13 @@ pub struct Client {
     seen: VecDeque<MessageId>,
     /// Accept a changed identity of a peer (after the user compared safety numbers).
     pub accept_key_change: bool,
+    counters: Counters,
+    /// The newest signed tree head accepted, sent inside every message.
+    latest_head: Option<Vec<u8>>,
+    /// Gossiped heads already checked (size, root).
+    checked_heads: HashSet<(u64, [u8; 32])>,
+    /// Everything noticed while receiving, oldest first (also printed as warnings).
+    pub alerts: Vec<Alert>,
 }
 
 impl std::fmt::Debug for Client {
@@ -189,6 +359,10 @@ impl Client {
             peers: BTreeMap::new(),
             seen: VecDeque::new(),
             accept_key_change: false,
+            counters: Counters::default(),
+            latest_head: None,
+            checked_heads: HashSet::new(),
+            alerts: Vec::new(),
         };
         client.save_state()?;
         client.login().await?;
@@ -219,6 +393,9 @@ impl Client {
         }
         let peers = load_peers(&dir.join("peers"))?;
         let seen = load_seen(&dir.join("seen"));
+        let counters =
+            Counters::from_text(&std::fs::read_to_string(dir.join("counters")).unwrap_or_default());
+        let latest_head = std::fs::read(dir.join("latest.head")).ok();
         let conn = Connection::connect(&opts.server, &opts.ca).await?;
         let mut client = Self {
             name: name.to_owned(),
@@ -229,6 +406,10 @@ impl Client {
             peers,
             seen,
             accept_key_change: false,
+            counters,
+            latest_head,
+            checked_heads: HashSet::new(),
+            alerts: Vec::new(),
         };
         client.login().await?;
         client.check_own_entry().await?;
@@ -287,7 +468,16 @@ impl Client {
             .iter()
             .map(|id| format!("{}\n", hex::encode(id)))
             .collect();
-        write_atomic(&self.dir.join("seen"), seen.as_bytes(), Mode::Public)
+        write_atomic(&self.dir.join("seen"), seen.as_bytes(), Mode::Public)?;
+        write_atomic(
+            &self.dir.join("counters"),
+            self.counters.to_text().as_bytes(),
+            Mode::Public,
+        )?;
+        if let Some(head) = &self.latest_head {
+            write_atomic(&self.dir.join("latest.head"), head, Mode::Public)?;
+        }
+        Ok(())
     }
 
     fn session_path(&self, peer: &str, device: u32) -> PathBuf {
@@ -313,13 +503,11 @@ impl Client {
         )
     }
 
-    /// Fetches the latest head, checks it (signature, freshness, consistency) and remembers it.
-    pub async fn refresh_head(&mut self) -> Result<SignedTreeHead> {
-        let known_size = self
-            .verifier
-            .latest()
-            .map(|(size, _)| size)
-            .filter(|s| *s > 0);
+    /// Asks for the latest head with the consistency proof from `known_size`; checks nothing.
+    async fn fetch_head(
+        &mut self,
+        known_size: Option<u64>,
+    ) -> Result<(SignedTreeHead, Vec<u8>, Vec<[u8; 32]>)> {
         let (bytes, proof) = match self
             .conn
             .request(|id| ClientFrame::GetTreeHead {
@@ -337,11 +525,94 @@ impl Client {
         };
         let head = SignedTreeHead::from_bytes(&bytes)
             .map_err(|e| anyhow!("the server sent a bad tree head: {e}"))?;
+        Ok((head, bytes, proof))
+    }
+
+    /// Fetches the latest head, checks it (signature, freshness, consistency) and remembers it.
+    pub async fn refresh_head(&mut self) -> Result<SignedTreeHead> {
+        let known_size = self
+            .verifier
+            .latest()
+            .map(|(size, _)| size)
+            .filter(|s| *s > 0);
+        let (head, bytes, proof) = self.fetch_head(known_size).await?;
         self.verifier
             .accept_head(&head, &proof, unix_now())
             .map_err(|e| anyhow!("key directory check failed: {e}"))?;
+        self.latest_head = Some(bytes);
         self.save_state()?;
         Ok(head)
+    }
+
+    /// Records an alert and prints it as a warning.
+    fn alert(&mut self, kind: AlertKind, from: &str, from_device: u32, detail: String) {
+        tracing_warn(&detail);
+        self.alerts.push(Alert {
+            kind,
+            from: from.to_owned(),
+            from_device,
+            detail,
+        });
+    }
+
+    /// Checks a tree head a peer put inside a message against this device's view of the
+    /// directory: it must be consistent with every head this device accepted. A contradiction is
+    /// a [`AlertKind::SplitView`] alert (the server shows the two devices different logs).
+    async fn check_gossiped_head(&mut self, from: &str, device: u32, bytes: &[u8]) -> Result<()> {
+        let head = match SignedTreeHead::from_bytes(bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                let detail = format!("{from} sent an unreadable tree head: {e}");
+                self.alert(AlertKind::SplitView, from, device, detail);
+                return Ok(());
+            }
+        };
+        if !self.checked_heads.insert((head.tree_size, head.root)) {
+            return Ok(());
+        }
+        if let Err(e) = head.verify(self.verifier.public_key()) {
+            let detail = format!(
+                "the key directory head {from} saw is not signed by the directory key: {e}"
+            );
+            self.alert(AlertKind::SplitView, from, device, detail);
+            return Ok(());
+        }
+        let now = unix_now();
+        if now.saturating_sub(head.timestamp) > 86_400 || head.timestamp > now + 300 {
+            return Ok(()); // too old (or new) to compare: freshness rules would refuse it
+        }
+        for _ in 0..3 {
+            let latest = self.refresh_head().await?;
+            if head.tree_size > latest.tree_size {
+                let detail = format!(
+                    "SPLIT VIEW: {from} saw a key directory of {} entries, but the server shows this device only {}:                      the server shows different logs to different users (run `chatctl audit`)",
+                    head.tree_size, latest.tree_size
+                );
+                self.alert(AlertKind::SplitView, from, device, detail);
+                return Ok(());
+            }
+            let known = Some(head.tree_size).filter(|s| *s > 0);
+            let (now_head, _, proof) = self.fetch_head(known).await?;
+            if now_head.tree_size != latest.tree_size || now_head.root != latest.root {
+                continue; // the log grew in between
+            }
+            let mut verifier = self.verifier.clone();
+            return match verifier.accept_head(&head, &proof, now) {
+                Ok(()) => {
+                    self.verifier = verifier;
+                    self.save_state()
+                }
+                Err(e) => {
+                    let detail = format!(
+                        "SPLIT VIEW: the key directory {from} saw (size {}) contradicts the one this device sees                          (size {}): {e}; the server shows different logs to different users (run `chatctl audit`)",
+                        head.tree_size, latest.tree_size
+                    );
+                    self.alert(AlertKind::SplitView, from, device, detail);
+                    Ok(())
+                }
+            };
+        }
+        Ok(())
     }
 
     /// The directory leaf of a device, proven included under a fresh, consistent head.
@@ -455,11 +726,7 @@ impl Client {
         if devices.is_empty() {
             bail!("{peer} has no devices");
         }
-        let plaintext = TextMessage {
-            sent_at: unix_now(),
-            text: text.to_owned(),
-        }
-        .encode();
+        let sent_at = unix_now();
         let mut report = SendReport {
             devices: 0,
             message_ids: Vec::new(),
@@ -485,6 +752,13 @@ impl Client {
                         .map_err(|e| anyhow!("cannot start a session with {peer}: {e}"))?
                 }
             };
+            let plaintext = TextMessage {
+                sent_at,
+                text: text.to_owned(),
+                counter: self.counters.take_next(peer, device.device_id),
+                head: self.latest_head.clone(),
+            }
+            .encode();
             let ciphertext = session
                 .encrypt(&plaintext, &mut OsRng)
                 .map_err(|e| anyhow!("cannot encrypt: {e}"))?;
@@ -562,6 +836,10 @@ impl Client {
                 .open_envelope(&message_id, &from_user, from_device, &envelope)
                 .await?
             {
+                if let Some(head) = &text.head {
+                    self.check_gossiped_head(&from_user, from_device, head)
+                        .await?;
+                }
                 out.push(Received {
                     from: from_user,
                     from_device,
@@ -570,6 +848,7 @@ impl Client {
                     time: text.sent_at,
                     server_time,
                     seq,
+                    counter: text.counter,
                 });
             }
             // Everything up to here is decrypted and saved: the server may delete it.
@@ -607,9 +886,18 @@ impl Client {
         let (session, plaintext) = match (existing, initial) {
             (Some(mut session), None) => match session.decrypt(&message) {
                 Ok(p) => (session, p),
-                Err(SessionError::Replay) => return Ok(None),
+                Err(SessionError::Replay) => {
+                    let detail = format!(
+                        "a message from {from} (device {device}) arrived again (replayed or duplicated); not shown twice"
+                    );
+                    self.alert(AlertKind::Replay, from, device, detail);
+                    return Ok(None);
+                }
                 Err(e) => {
-                    tracing_warn(&format!("cannot decrypt a message from {from}: {e}"));
+                    let detail = format!(
+                        "cannot decrypt a message from {from} (device {device}), dropped: {e}"
+                    );
+                    self.alert(AlertKind::Undecryptable, from, device, detail);
                     return Ok(None);
                 }
             },
@@ -622,13 +910,31 @@ impl Client {
                     );
                 }
                 if let Some(mut session) = existing {
-                    if let Ok(p) = session.decrypt(&message) {
-                        self.save_session(from, device, &session)?;
-                        return self.record(id, p).map(Some);
+                    match session.decrypt(&message) {
+                        Ok(p) => {
+                            self.save_session(from, device, &session)?;
+                            return self.record(id, from, device, p);
+                        }
+                        Err(SessionError::Replay) => {
+                            let detail = format!(
+                                "a message from {from} (device {device}) arrived again (replayed or duplicated); not shown twice"
+                            );
+                            self.alert(AlertKind::Replay, from, device, detail);
+                            return Ok(None);
+                        }
+                        Err(_) => {} // perhaps a new session from the peer
                     }
                 }
-                let (session, p) = Session::accept(&mut self.keys, &message)
-                    .map_err(|e| anyhow!("cannot accept a session from {from}: {e}"))?;
+                let (session, p) = match Session::accept(&mut self.keys, &message) {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        let detail = format!(
+                            "cannot decrypt a session start from {from} (device {device}), dropped: {e}"
+                        );
+                        self.alert(AlertKind::Undecryptable, from, device, detail);
+                        return Ok(None);
+                    }
+                };
                 write_atomic(
                     &self.dir.join("device.key"),
                     &self.keys.encode(),
@@ -644,18 +950,58 @@ impl Client {
             }
         };
         self.save_session(from, device, &session)?;
-        self.record(id, plaintext).map(Some)
+        self.record(id, from, device, plaintext)
     }
 
-    fn record(&mut self, id: &MessageId, plaintext: Vec<u8>) -> Result<TextMessage> {
-        let text =
-            TextMessage::decode(&plaintext).map_err(|e| anyhow!("bad message content: {e}"))?;
+    /// Checks the counter of a decrypted message and remembers its id; `None` for a replay.
+    fn record(
+        &mut self,
+        id: &MessageId,
+        from: &str,
+        device: u32,
+        plaintext: Vec<u8>,
+    ) -> Result<Option<TextMessage>> {
         self.seen.push_back(*id);
         while self.seen.len() > SEEN_CAP {
             self.seen.pop_front();
         }
+        let text = match TextMessage::decode(&plaintext) {
+            Ok(text) => text,
+            Err(e) => {
+                let detail = format!("a message from {from} has unreadable content, dropped: {e}");
+                self.alert(AlertKind::Undecryptable, from, device, detail);
+                self.save_state()?;
+                return Ok(None);
+            }
+        };
+        let shown = match self.counters.receive(from, device, text.counter) {
+            CounterCheck::InOrder => true,
+            CounterCheck::Gap(first, last) => {
+                let detail = format!(
+                    "messages {first}..={last} from {from} (device {device}) are missing: dropped by the server, or late"
+                );
+                self.alert(AlertKind::Gap, from, device, detail);
+                true
+            }
+            CounterCheck::Late => {
+                let detail = format!(
+                    "message {} from {from} (device {device}) arrived late, out of order",
+                    text.counter
+                );
+                self.alert(AlertKind::Reordered, from, device, detail);
+                true
+            }
+            CounterCheck::Replay => {
+                let detail = format!(
+                    "message {} from {from} (device {device}) arrived again (replayed); not shown twice",
+                    text.counter
+                );
+                self.alert(AlertKind::Replay, from, device, detail);
+                false
+            }
+        };
         self.save_state()?;
-        Ok(text)
+        Ok(shown.then_some(text))
     }
 
     /// The 60-digit safety number with a peer (first device), from directory-verified keys.
@@ -781,8 +1127,40 @@ mod tests {
         let m = TextMessage {
             sent_at: 7,
             text: "héllo".into(),
+            counter: 3,
+            head: Some(vec![1; 121]),
         };
         assert_eq!(TextMessage::decode(&m.encode()), Ok(m));
         assert!(TextMessage::decode(&[2, 0, 0]).is_err());
+        assert!(TextMessage::decode(&[3, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn version_1_text_messages_still_decode_without_counter_or_head() {
+        let mut w = Writer::new();
+        w.u8(1).u64(7).str("old");
+        let m = TextMessage::decode(&w.into_bytes()).expect("v1");
+        assert_eq!((m.counter, m.head, m.text.as_str()), (0, None, "old"));
+    }
+
+    #[test]
+    fn counters_report_gaps_late_arrivals_and_replays() {
+        let mut c = Counters::default();
+        assert_eq!(c.receive("a", 1, 1), CounterCheck::InOrder);
+        assert_eq!(c.receive("a", 1, 4), CounterCheck::Gap(2, 3));
+        assert_eq!(c.receive("a", 1, 3), CounterCheck::Late);
+        assert_eq!(c.receive("a", 1, 3), CounterCheck::Replay);
+        assert_eq!(c.receive("a", 1, 1), CounterCheck::Replay);
+        assert_eq!(c.receive("a", 2, 1), CounterCheck::InOrder);
+        let again = Counters::from_text(&c.to_text());
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn sent_counters_start_at_one_per_conversation() {
+        let mut c = Counters::default();
+        assert_eq!(c.take_next("b", 1), 1);
+        assert_eq!(c.take_next("b", 1), 2);
+        assert_eq!(c.take_next("b", 2), 1);
     }
 }
