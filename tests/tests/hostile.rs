@@ -286,3 +286,99 @@ async fn split_view_is_detected_by_the_tree_head_inside_a_message() {
     assert_eq!(kinds(&bob), vec![AlertKind::SplitView], "{:?}", bob.alerts);
     assert!(bob.alerts[0].detail.contains("SPLIT VIEW"));
 }
+
+/// Runs `chatctl audit --json` against `server`, with its state under `state_dir`.
+fn audit(
+    server: &ServerProcess,
+    state_dir: &std::path::Path,
+    client_states: &[std::path::PathBuf],
+) -> (bool, String) {
+    let mut cmd = std::process::Command::new(&chat_tests::binaries().chatctl);
+    cmd.arg("audit")
+        .arg(server.url())
+        .arg("--ca")
+        .arg(server.ca())
+        .arg("--directory-key")
+        .arg(server.keys.join("directory.pub"))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--json");
+    for state in client_states {
+        cmd.arg("--client-state").arg(state);
+    }
+    let out = cmd.output().expect("run chatctl audit");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn client_state(world: &World, name: &str) -> std::path::PathBuf {
+    world
+        .work
+        .path()
+        .join("clients")
+        .join(name)
+        .join("directory.state")
+}
+
+// Row 17 baseline: an honest log passes, with the clients' heads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_of_an_honest_server_finds_no_problem() {
+    let world = World::new().expect("world");
+    let (mut alice, _bob) = alice_and_bob(&world).await;
+    alice.send_text("bob", "hi").await.expect("send");
+    let state = tempfile::tempdir().expect("tmp");
+    let clients = [client_state(&world, "alice"), client_state(&world, "bob")];
+    let (ok, out) = audit(&world.server, state.path(), &clients);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("\"tree_size\":2") && out.contains("\"problems\":[]"),
+        "{out}"
+    );
+    // A second audit checks consistency with the head the first one recorded.
+    let (ok, out) = audit(&world.server, state.path(), &clients);
+    assert!(ok, "{out}");
+}
+
+// Row 4: a fork after the auditor recorded a head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_a_fork_against_the_head_it_recorded() {
+    let keys = chat_tests::Keys::new().expect("keys");
+    let work = tempfile::tempdir().expect("tmp");
+    let state = tempfile::tempdir().expect("tmp");
+    {
+        let honest = ServerProcess::start(keys.path(), work.path()).expect("honest server");
+        let opts = honest.client_options(&work.path().join("clients"));
+        Client::register(&opts, "alice").await.expect("alice");
+        Client::register(&opts, "bob").await.expect("bob");
+        let (ok, out) = audit(&honest, state.path(), &[]);
+        assert!(ok, "{out}");
+    }
+    let forked = ServerProcess::start_hostile(keys.path(), work.path(), "fork").expect("fork");
+    let (ok, out) = audit(&forked, state.path(), &[]);
+    assert!(!ok, "the audit must fail: {out}");
+    assert!(
+        out.contains("fork") && out.contains("found 2 problem"),
+        "{out}"
+    );
+}
+
+// Row 16: a split view, caught by checking a client's heads against the full log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_a_split_view_from_a_clients_heads() {
+    let world = World::hostile("split-view").expect("hostile world");
+    let (_alice, _bob) = alice_and_bob(&world).await;
+    let state = tempfile::tempdir().expect("tmp");
+    let (ok, out) = audit(
+        &world.server,
+        state.path(),
+        &[client_state(&world, "alice")],
+    );
+    assert!(ok, "alice sees the log the auditor sees: {out}");
+    let (ok, out) = audit(&world.server, state.path(), &[client_state(&world, "bob")]);
+    assert!(!ok, "the audit must fail: {out}");
+    assert!(out.contains("split view") && out.contains("bob"), "{out}");
+}

@@ -1,5 +1,6 @@
 //! One module per `chatctl` subcommand.
 
+pub mod audit;
 pub mod bench;
 pub mod chat;
 pub mod down;
