@@ -44,6 +44,8 @@ enum Command {
     /// Load a running server with real clients and measure throughput and latency.
     #[command(subcommand_value_name = "SCENARIO")]
     Bench(cmd::bench::BenchArgs),
+    /// Assemble the browser client (loader, app, wasm) with the keys baked in, ready to sign.
+    Bundle(cmd::bundle::BundleArgs),
     /// Replay a server's key directory and report every problem (exit 1 if any).
     Audit(cmd::audit::AuditArgs),
     /// Run a local chat server (Docker cluster, or one embedded process without Docker).
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => cmd::release::run_verify(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Bundle(args) => cmd::bundle::run(args),
         Command::Audit(args) => cmd::audit::run(args),
         Command::Up(args) => cmd::up::run(args),
         Command::Down(args) => cmd::down::run(args),

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bundle;
 pub mod chat;
 pub mod down;
 pub mod keys;
