@@ -20,6 +20,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("minisign", "minisign"),
     ("openssl", "openssl"),
     ("nats-server", "nats-server"),
+    ("chromium", "chromium"),
     ("musl-gcc", "musl-tools"),
 ];
 /// Rust targets the workspace builds for.

@@ -4,7 +4,8 @@
 //! Ed25519 signing key. It hands them out in a [`SenderKeyDistribution`], sent to every other
 //! member over the pairwise [`Session`](crate::ratchet::Session)s. A group message is
 //! `version || group id || sender || key id || iteration || ChaCha20-Poly1305 ciphertext ||
-//! Ed25519 signature` (signature over `"ChatApp_GroupMessage_v1"` and every preceding byte; the
+//! Ed25519 signature` (AEAD key from the message key by HKDF-Expand, info "ChatApp_SenderKey_v2",
+//! zero nonce, as in the [pairwise ratchet](crate::ratchet)) (signature over `"ChatApp_GroupMessage_v1"` and every preceding byte; the
 //! AEAD authenticates every byte before the ciphertext). Receivers follow each sender's chain and
 //! keep skipped keys: at most [`MAX_GROUP_SKIP`] per message and [`MAX_SKIPPED_PER_SENDER`] per
 //! sender, evicting the oldest first. A message decrypts at most once.
@@ -25,14 +26,14 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::padding::{self, PaddingError};
-use crate::ratchet::{MAX_CIPHERTEXT_LEN, kdf_ck, open, seal};
+use crate::ratchet::{MAX_CIPHERTEXT_LEN, kdf_ck, open_padded, seal_padded_into};
 
 /// Version byte of an encoded [`GroupState`].
 pub const GROUP_STATE_VERSION: u8 = 1;
 /// Version byte of an encoded [`SenderKeyDistribution`].
 pub const DISTRIBUTION_VERSION: u8 = 1;
 /// Version byte of every group message.
-pub const GROUP_MESSAGE_VERSION: u8 = 1;
+pub const GROUP_MESSAGE_VERSION: u8 = 2;
 /// The most message keys one group message may skip.
 pub const MAX_GROUP_SKIP: u32 = 1000;
 /// The most skipped message keys kept per sender; the oldest are evicted first.
@@ -42,7 +43,7 @@ pub const MAX_ID_LEN: usize = 256;
 /// The most members a group state holds.
 pub const MAX_MEMBERS: usize = 4096;
 
-const SENDER_KEY_INFO: &[u8] = b"ChatApp_SenderKey_v1";
+const SENDER_KEY_INFO: &[u8] = b"ChatApp_SenderKey_v2";
 const SIGNATURE_CONTEXT: &[u8] = b"ChatApp_GroupMessage_v1";
 
 /// Why a group operation failed. A failed `decrypt` leaves the state unchanged.
@@ -396,26 +397,29 @@ impl GroupState {
         let iteration = self.own.iteration;
         let next = iteration.checked_add(1).ok_or(GroupError::ChainExhausted)?;
         let (message_key, next_key) = kdf_ck(&self.own.chain_key);
-        let mut w = Writer::with_capacity(256 + plaintext.len());
-        w.u8(GROUP_MESSAGE_VERSION)
+        // Built behind the signature context, which is signed but not sent.
+        let mut w = Writer::with_capacity(
+            SIGNATURE_CONTEXT.len() + 32 + 2 * MAX_ID_LEN + padding::padded_len(plaintext.len()),
+        );
+        w.fixed(SIGNATURE_CONTEXT)
+            .u8(GROUP_MESSAGE_VERSION)
             .bytes(&self.group_id)
             .str(&self.own_id)
             .u32(self.own.key_id)
             .u32(iteration);
-        let padded = Zeroizing::new(padding::pad(plaintext));
-        let ciphertext = seal(
+        let mut buffer = w.into_bytes();
+        let header = buffer[SIGNATURE_CONTEXT.len()..].to_vec();
+        seal_padded_into(
             &message_key,
             SENDER_KEY_INFO,
-            &w.clone().into_bytes(),
-            &padded,
+            &header,
+            plaintext,
+            &mut buffer,
         );
-        w.bytes(&ciphertext);
-        let mut signed = w.into_bytes();
-        let signature = self
-            .own
-            .signing
-            .sign(&[SIGNATURE_CONTEXT, signed.as_slice()].concat());
-        signed.extend_from_slice(&signature.to_bytes());
+        let signature = self.own.signing.sign(&buffer);
+        buffer.drain(..SIGNATURE_CONTEXT.len());
+        buffer.extend_from_slice(&signature.to_bytes());
+        let signed = buffer;
         self.own.chain_key = next_key;
         self.own.iteration = next;
         Ok(signed)
@@ -448,14 +452,13 @@ impl GroupState {
                 .iter()
                 .position(|k| k.iteration == m.iteration)
                 .ok_or(GroupError::Replay)?;
-            let padded = open(
+            let plaintext = open_padded(
                 &state.skipped[pos].message_key,
                 SENDER_KEY_INFO,
                 m.header_bytes,
                 m.ciphertext,
             )
-            .ok_or(GroupError::AuthenticationFailed)?;
-            let plaintext = padding::unpad(&padded)?.to_vec();
+            .ok_or(GroupError::AuthenticationFailed)??;
             state.skipped.remove(pos);
             plaintext
         } else {
@@ -474,9 +477,9 @@ impl GroupState {
                 chain_key = next_key;
             }
             let (message_key, next_key) = kdf_ck(&chain_key);
-            let padded = open(&message_key, SENDER_KEY_INFO, m.header_bytes, m.ciphertext)
-                .ok_or(GroupError::AuthenticationFailed)?;
-            let plaintext = padding::unpad(&padded)?.to_vec();
+            let plaintext =
+                open_padded(&message_key, SENDER_KEY_INFO, m.header_bytes, m.ciphertext)
+                    .ok_or(GroupError::AuthenticationFailed)??;
             state.chain_key = next_key;
             state.iteration = m.iteration.saturating_add(1);
             state.skipped.extend(new_skipped);
@@ -682,7 +685,7 @@ mod tests {
         let mut ck = old.chain_key.clone();
         for _ in 0..10 {
             let (mk, next) = kdf_ck(&ck);
-            assert!(open(&mk, SENDER_KEY_INFO, &m.0, &m.1).is_none());
+            assert!(open_padded(&mk, SENDER_KEY_INFO, &m.0, &m.1).is_none());
             ck = next;
         }
     }

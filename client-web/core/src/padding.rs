@@ -32,10 +32,17 @@ pub fn padded_len(len: usize) -> usize {
 /// Pads `plaintext` to its bucket.
 pub fn pad(plaintext: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(padded_len(plaintext.len()));
+    pad_into(plaintext, &mut out);
+    out
+}
+
+/// Appends `plaintext`, padded to its bucket, to `out` (so it can be encrypted in place there).
+pub fn pad_into(plaintext: &[u8], out: &mut Vec<u8>) {
+    let end = out.len() + padded_len(plaintext.len());
+    out.reserve(end - out.len());
     out.extend_from_slice(plaintext);
     out.push(0x80);
-    out.resize(padded_len(plaintext.len()), 0);
-    out
+    out.resize(end, 0);
 }
 
 /// Removes the padding, refusing a buffer without the `0x80` marker.

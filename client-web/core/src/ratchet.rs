@@ -4,8 +4,9 @@
 //!
 //! KDF_RK = HKDF-SHA256(salt = rk, ikm = DH output, info "ChatApp_Ratchet_v1") -> rk || ck;
 //! KDF_CK: message key = HMAC-SHA256(ck, 0x01), next chain key = HMAC-SHA256(ck, 0x02); a message
-//! key becomes a ChaCha20-Poly1305 key and nonce through HKDF-SHA256 (info
-//! "ChatApp_MessageKeys_v1"). Plaintexts are [padded](crate::padding) first. The AEAD's associated
+//! key becomes a one-use ChaCha20-Poly1305 key through HKDF-Expand (PRK = message key, info
+//! "ChatApp_MessageKey_v2"), used with the zero nonce. Plaintexts are [padded](crate::padding)
+//! first and encrypted in place. The AEAD's associated
 //! data is the X3DH AD followed by every message byte before the ciphertext (version, kind, the
 //! X3DH header of an initial message, and the ratchet header: ratchet public key, PN, N).
 //!
@@ -25,8 +26,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use chacha20poly1305::aead::{Aead, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce};
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand_core::CryptoRngCore;
@@ -43,7 +44,7 @@ use crate::x3dh::{self, InitialHeader, X3dhError, contributory_dh};
 /// Version byte of an encoded [`Session`].
 pub const SESSION_VERSION: u8 = 1;
 /// Version byte of every pairwise message on the wire.
-pub const MESSAGE_VERSION: u8 = 1;
+pub const MESSAGE_VERSION: u8 = 2;
 /// The most message keys one message may skip in one chain.
 pub const MAX_SKIP: u32 = 1000;
 /// The most skipped message keys a session keeps; the oldest are evicted first.
@@ -55,7 +56,7 @@ pub const MAX_CIPHERTEXT_LEN: usize = 1 << 24;
 const MAX_PAST_REMOTE_RATCHETS: usize = 64;
 
 const RATCHET_INFO: &[u8] = b"ChatApp_Ratchet_v1";
-const MESSAGE_KEYS_INFO: &[u8] = b"ChatApp_MessageKeys_v1";
+const MESSAGE_KEYS_INFO: &[u8] = b"ChatApp_MessageKey_v2";
 const KIND_MESSAGE: u8 = 0;
 const KIND_INITIAL: u8 = 1;
 const AEAD_TAG_LEN: usize = 16;
@@ -97,6 +98,7 @@ pub(crate) fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) 
         .unwrap_or_else(|_| unreachable!("HKDF-SHA256 output lengths here are at most 64 bytes"));
 }
 
+#[cfg(test)]
 fn hmac_sha256(key: &[u8; 32], data: &[u8]) -> Zeroizing<[u8; 32]> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
@@ -104,11 +106,18 @@ fn hmac_sha256(key: &[u8; 32], data: &[u8]) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(mac.finalize().into_bytes().into())
 }
 
-/// KDF_CK: (message key, next chain key).
+/// KDF_CK: (message key, next chain key) = (HMAC(ck, 0x01), HMAC(ck, 0x02)). The key is
+/// hashed into HMAC's inner and outer states once and the keyed state cloned for both.
 pub(crate) fn kdf_ck(chain_key: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+    let keyed = <Hmac<Sha256> as Mac>::new_from_slice(chain_key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    let mut message_mac = keyed.clone();
+    message_mac.update(&[0x01]);
+    let mut chain_mac = keyed;
+    chain_mac.update(&[0x02]);
     (
-        hmac_sha256(chain_key, &[0x01]),
-        hmac_sha256(chain_key, &[0x02]),
+        Zeroizing::new(message_mac.finalize().into_bytes().into()),
+        Zeroizing::new(chain_mac.finalize().into_bytes().into()),
     )
 }
 
@@ -123,60 +132,94 @@ fn kdf_rk(root_key: &[u8; 32], dh_out: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroi
     (rk, ck)
 }
 
-fn aead_keys(message_key: &[u8; 32], info: &[u8]) -> (Zeroizing<[u8; 32]>, [u8; 12]) {
-    let mut okm = Zeroizing::new([0u8; 44]);
-    hkdf_sha256(&[0u8; 32], message_key, info, okm.as_mut());
+/// The one-use AEAD key of a message key: HKDF-Expand(PRK = message key, `info`, 32 bytes),
+/// i.e. HMAC(message key, info || 0x01). The message key is already uniformly random, so the
+/// HKDF extract step is skipped (RFC 5869 §3.3).
+fn aead_key(message_key: &[u8; 32], info: &[u8]) -> Zeroizing<[u8; 32]> {
     let mut key = Zeroizing::new([0u8; 32]);
-    key.copy_from_slice(&okm[..32]);
-    let mut nonce = [0u8; 12];
-    nonce.copy_from_slice(&okm[32..]);
-    (key, nonce)
+    Hkdf::<Sha256>::from_prk(message_key)
+        .unwrap_or_else(|_| unreachable!("a 32-byte PRK is the hash length"))
+        .expand(info, key.as_mut())
+        .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA256 output length"));
+    key
 }
 
-fn aead_seal_raw(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+/// Every AEAD key encrypts exactly one message, so the nonce is the constant zero: a nonce
+/// derived from the same secret would add nothing.
+const AEAD_NONCE: [u8; 12] = [0; 12];
+
+fn aead_seal_in_place(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], buffer: &mut [u8]) -> Tag {
     ChaCha20Poly1305::new(Key::from_slice(key))
-        .encrypt(
-            Nonce::from_slice(nonce),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
+        .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buffer)
         .unwrap_or_else(|_| unreachable!("ChaCha20-Poly1305 encrypts any length below 256 GiB"))
 }
 
-fn aead_open_raw(
+fn aead_open_in_place(
     key: &[u8; 32],
     nonce: &[u8; 12],
     aad: &[u8],
-    ciphertext: &[u8],
-) -> Option<Vec<u8>> {
+    buffer: &mut [u8],
+    tag: &[u8],
+) -> Option<()> {
+    let tag: &[u8; AEAD_TAG_LEN] = tag.try_into().ok()?;
     ChaCha20Poly1305::new(Key::from_slice(key))
-        .decrypt(
-            Nonce::from_slice(nonce),
-            Payload {
-                msg: ciphertext,
-                aad,
-            },
-        )
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buffer, Tag::from_slice(tag))
         .ok()
 }
 
-/// Encrypts under a one-use message key (key and nonce derived with `info`).
-pub(crate) fn seal(message_key: &[u8; 32], info: &[u8], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let (key, nonce) = aead_keys(message_key, info);
-    aead_seal_raw(&key, &nonce, aad, plaintext)
-}
-
-/// Decrypts under a one-use message key; `None` when the tag does not verify.
-pub(crate) fn open(
+/// Pads `plaintext` into `out` as a length-prefixed ciphertext (`u32 length || ciphertext ||
+/// tag`), encrypted in place under a one-use message key (AEAD key derived with `info`).
+pub(crate) fn seal_padded_into(
     message_key: &[u8; 32],
     info: &[u8],
     aad: &[u8],
-    ciphertext: &[u8],
-) -> Option<Zeroizing<Vec<u8>>> {
-    let (key, nonce) = aead_keys(message_key, info);
-    aead_open_raw(&key, &nonce, aad, ciphertext).map(Zeroizing::new)
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let padded_len = padding::padded_len(plaintext.len());
+    let sealed_len = u32::try_from(padded_len + AEAD_TAG_LEN).unwrap_or(u32::MAX);
+    out.reserve(4 + padded_len + AEAD_TAG_LEN);
+    out.extend_from_slice(&sealed_len.to_be_bytes());
+    let start = out.len();
+    padding::pad_into(plaintext, out);
+    let tag = aead_seal_in_place(
+        &aead_key(message_key, info),
+        &AEAD_NONCE,
+        aad,
+        &mut out[start..],
+    );
+    out.extend_from_slice(&tag);
+}
+
+/// Decrypts `ciphertext || tag` under a one-use message key and removes the padding. `None` when
+/// the tag does not verify; a padding error after a valid tag is reported as such.
+pub(crate) fn open_padded(
+    message_key: &[u8; 32],
+    info: &[u8],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Option<Result<Vec<u8>, PaddingError>> {
+    let split = sealed.len().checked_sub(AEAD_TAG_LEN)?;
+    let (ciphertext, tag) = sealed.split_at(split);
+    let mut buffer = ciphertext.to_vec();
+    aead_open_in_place(
+        &aead_key(message_key, info),
+        &AEAD_NONCE,
+        aad,
+        &mut buffer,
+        tag,
+    )?;
+    Some(match padding::unpad(&buffer) {
+        Ok(plaintext) => {
+            let len = plaintext.len();
+            buffer.truncate(len);
+            Ok(buffer)
+        }
+        Err(e) => {
+            buffer.zeroize();
+            Err(e)
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -389,7 +432,8 @@ impl Session {
         let next_n = n.checked_add(1).ok_or(SessionError::ChainExhausted)?;
         let (message_key, next_key) = kdf_ck(&chain.key);
 
-        let mut w = Writer::with_capacity(256 + plaintext.len());
+        let mut w =
+            Writer::with_capacity(4 + 256 + padding::padded_len(plaintext.len()) + AEAD_TAG_LEN);
         w.u8(MESSAGE_VERSION);
         match &self.pending_initial {
             Some(initial) => {
@@ -403,15 +447,23 @@ impl Session {
         w.fixed(self.self_ratchet_public.as_bytes())
             .u32(self.previous_send_count)
             .u32(n);
-        let aad = [self.associated_data.as_slice(), &w.clone().into_bytes()].concat();
-        let padded = Zeroizing::new(padding::pad(plaintext));
-        w.bytes(&seal(&message_key, MESSAGE_KEYS_INFO, &aad, &padded));
+        let mut message = w.into_bytes();
+        let mut aad = Vec::with_capacity(self.associated_data.len() + message.len());
+        aad.extend_from_slice(&self.associated_data);
+        aad.extend_from_slice(&message);
+        seal_padded_into(
+            &message_key,
+            MESSAGE_KEYS_INFO,
+            &aad,
+            plaintext,
+            &mut message,
+        );
 
         self.send_chain = Some(Chain {
             key: *next_key,
             n: next_n,
         });
-        Ok(w.into_bytes())
+        Ok(message)
     }
 
     /// The sending half of a DH ratchet step: a fresh ratchet key pair and a new sending chain.
@@ -436,21 +488,22 @@ impl Session {
     pub fn decrypt(&mut self, message: &[u8]) -> Result<Vec<u8>, SessionError> {
         let parsed = ParsedMessage::parse(message)?;
         let header = parsed.header;
-        let aad = [self.associated_data.as_slice(), parsed.header_bytes].concat();
+        let mut aad = Vec::with_capacity(self.associated_data.len() + parsed.header_bytes.len());
+        aad.extend_from_slice(&self.associated_data);
+        aad.extend_from_slice(parsed.header_bytes);
 
         if let Some(pos) = self
             .skipped
             .iter()
             .position(|k| k.ratchet_key == header.ratchet_key && k.n == header.n)
         {
-            let padded = open(
+            let plaintext = open_padded(
                 &self.skipped[pos].message_key,
                 MESSAGE_KEYS_INFO,
                 &aad,
                 parsed.ciphertext,
             )
-            .ok_or(SessionError::AuthenticationFailed)?;
-            let plaintext = padding::unpad(&padded)?.to_vec();
+            .ok_or(SessionError::AuthenticationFailed)??;
             self.skipped.remove(pos);
             self.pending_initial = None;
             return Ok(plaintext);
@@ -458,9 +511,8 @@ impl Session {
 
         let staged = self.stage(&header)?;
         let (message_key, next_key) = kdf_ck(&staged.recv_chain.key);
-        let padded = open(&message_key, MESSAGE_KEYS_INFO, &aad, parsed.ciphertext)
-            .ok_or(SessionError::AuthenticationFailed)?;
-        let plaintext = padding::unpad(&padded)?.to_vec();
+        let plaintext = open_padded(&message_key, MESSAGE_KEYS_INFO, &aad, parsed.ciphertext)
+            .ok_or(SessionError::AuthenticationFailed)??;
         let next_n = staged.recv_chain.n.saturating_add(1);
         self.commit(
             staged,
@@ -891,12 +943,48 @@ mod tests {
                         92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc\
                         3ff4def08e4b7a9de576d26586cec64b6116\
                         1ae10b594f09e26a7e902ecbd0600691";
-        let sealed = aead_seal_raw(&key, &nonce, &aad, plaintext);
-        assert_eq!(hex::encode(&sealed), expected);
+        let mut buffer = plaintext.to_vec();
+        let tag = aead_seal_in_place(&key, &nonce, &aad, &mut buffer);
         assert_eq!(
-            aead_open_raw(&key, &nonce, &aad, &sealed).unwrap(),
-            plaintext
+            hex::encode([buffer.as_slice(), tag.as_slice()].concat()),
+            expected
         );
+        aead_open_in_place(&key, &nonce, &aad, &mut buffer, &tag).unwrap();
+        assert_eq!(buffer, plaintext);
+    }
+
+    #[test]
+    fn message_aead_key_is_hkdf_expand_of_the_message_key() {
+        // RFC 5869 test case 1's PRK and info, first 32 bytes of its OKM: the same function.
+        let prk: [u8; 32] =
+            hex::decode("077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5")
+                .unwrap()
+                .try_into()
+                .unwrap();
+        let info = hex::decode("f0f1f2f3f4f5f6f7f8f9").unwrap();
+        assert_eq!(
+            hex::encode(*aead_key(&prk, &info)),
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
+        );
+        assert_eq!(
+            *aead_key(&prk, &info),
+            *hmac_sha256(&prk, &[&info[..], &[1]].concat())
+        );
+    }
+
+    #[test]
+    fn a_sealed_message_has_the_padded_length_plus_prefix_and_tag() {
+        let mut out = vec![0xAA];
+        seal_padded_into(&[3; 32], b"info", b"aad", b"hello", &mut out);
+        assert_eq!(out.len(), 1 + 4 + 64 + AEAD_TAG_LEN);
+        assert_eq!(out[1..5], (64u32 + 16).to_be_bytes());
+        let opened = open_padded(&[3; 32], b"info", b"aad", &out[5..])
+            .unwrap()
+            .unwrap();
+        assert_eq!(opened, b"hello");
+        assert!(open_padded(&[3; 32], b"info", b"aaD", &out[5..]).is_none());
+        assert!(open_padded(&[3; 32], b"info", b"aad", &out[5..20]).is_none());
+        assert!(open_padded(&[3; 32], b"info", b"aad", &[]).is_none());
     }
 
     #[test]
