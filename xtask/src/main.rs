@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 /// Debian packages the test suites drive for real.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("minisign", "minisign"),
+    ("wasm-opt", "binaryen"),
     ("openssl", "openssl"),
     ("nats-server", "nats-server"),
     ("chromium", "chromium"),

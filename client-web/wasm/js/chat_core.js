@@ -1,4 +1,5 @@
 // chat_core.js: the JS glue of chat_core.wasm (chat-core compiled from Rust). No build step.
+// Release verification (the loader's job) is in chat_verify.wasm / chat_verify.js.
 //
 //   import { instantiate } from './chat_core.js';
 //   const core = await instantiate(wasmBytes);           // ArrayBuffer, Uint8Array or Module
@@ -36,9 +37,8 @@ export async function instantiate(source) {
   const module = source instanceof WebAssembly.Module ? source : await WebAssembly.compile(source);
   let memory = null;
   const imports = { env: { random_fill: (ptr, len) => randomFill(memory, ptr, len) } };
-  // The minisign crate (release verification) links getrandom's browser backend, which
-  // declares wasm-bindgen imports. chat-core never calls it (randomness comes from
-  // env.random_fill), so any such import is a stub that fails loudly if it ever runs.
+  // chat_core.wasm imports only env.random_fill; should a dependency ever add an import,
+  // it gets a stub that fails loudly if it runs.
   for (const imp of WebAssembly.Module.imports(module)) {
     if (imp.kind !== 'function' || (imp.module === 'env' && imp.name === 'random_fill')) continue;
     imports[imp.module] ??= {};
@@ -195,20 +195,7 @@ export class ChatCore {
   groupEncode(group) { return this.#call('group_encode', group); }
   groupDecode(bytes) { return this.#handle('group_decode', bytes); }
 
-  // ---- release verification (the loader) ----
-  /// Verifies manifest.json bytes and the .minisig text under the release public key (minisign
-  /// .pub text or base64 line) at `now` (Unix seconds), refusing versions below minVersion.
-  /// Returns { handle, name, version, created, expires, key_id, manifest_sha256, files }.
-  releaseVerify(publicKey, manifest, signature, now, minVersion = '') {
-    const b = this.#call('release_verify', publicKey, manifest, signature, BigInt(now), minVersion);
-    return { handle: u32(b), ...JSON.parse(fromUtf8.decode(b.subarray(4))) };
-  }
-  /// Throws ChatCoreError (code 'file-mismatch' or 'unlisted-file') unless `contents` is the
-  /// listed file `path` byte for byte.
-  releaseCheckFile(release, path, contents) {
-    this.#call('release_check_file', release, path, contents);
-  }
-
-  /// Benchmark hook: `iterations` of op 0 (X25519) or 1 (X3DH both sides) inside wasm.
+  /// Benchmark hook: `iterations` of op 0 (X25519), 1 (X3DH both sides) or 2 (ratchet
+  /// encrypt + decrypt of 256 bytes) inside wasm.
   bench(op, iterations) { this.#call('bench', op, iterations); }
 }

@@ -15,7 +15,7 @@
 use std::alloc::Layout;
 use std::cell::RefCell;
 
-use crate::api::{self, Api, ApiResult};
+use crate::api::{Api, ApiResult};
 
 thread_local! {
     /// The instance's objects. wasm32-unknown-unknown runs one thread, so this is one `Api`.
@@ -135,11 +135,13 @@ fn call(f: impl FnOnce(&mut Api, &mut HostRng) -> ApiResult) -> *mut u8 {
     Box::into_raw(out.into_boxed_slice()).cast::<u8>()
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn keys_generate() -> *mut u8 {
     call(|api, rng| api.keys_generate(rng))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn keys_decode(bytes_ptr: *const u8, bytes_len: usize) -> *mut u8 {
     // SAFETY: the glue passes a buffer it got from `alloc` and filled (see `input`).
@@ -147,31 +149,37 @@ pub extern "C" fn keys_decode(bytes_ptr: *const u8, bytes_len: usize) -> *mut u8
     call(|api, _rng| api.keys_decode(bytes))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn keys_encode(keys: u32) -> *mut u8 {
     call(|api, _rng| api.keys_encode(keys))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn keys_identity(keys: u32) -> *mut u8 {
     call(|api, _rng| api.keys_identity(keys))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn keys_signed_prekey(keys: u32) -> *mut u8 {
     call(|api, _rng| api.keys_signed_prekey(keys))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn keys_rotate_signed_prekey(keys: u32) -> *mut u8 {
     call(|api, rng| api.keys_rotate_signed_prekey(keys, rng))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn keys_generate_one_time_prekeys(keys: u32, count: u32) -> *mut u8 {
     call(|api, rng| api.keys_generate_one_time_prekeys(keys, count, rng))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn keys_sign_login(
     keys: u32,
@@ -191,11 +199,13 @@ pub extern "C" fn keys_sign_login(
     call(|api, _rng| api.keys_sign_login(keys, nonce, username, device_id))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn keys_bundle(keys: u32, one_time_prekey_id: u32) -> *mut u8 {
     call(|api, _rng| api.keys_bundle(keys, one_time_prekey_id))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn session_initiate(keys: u32, bundle_ptr: *const u8, bundle_len: usize) -> *mut u8 {
     // SAFETY: the glue passes a buffer it got from `alloc` and filled (see `input`).
@@ -203,6 +213,7 @@ pub extern "C" fn session_initiate(keys: u32, bundle_ptr: *const u8, bundle_len:
     call(|api, rng| api.session_initiate(keys, bundle, rng))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn session_accept(keys: u32, message_ptr: *const u8, message_len: usize) -> *mut u8 {
     // SAFETY: the glue passes a buffer it got from `alloc` and filled (see `input`).
@@ -210,6 +221,7 @@ pub extern "C" fn session_accept(keys: u32, message_ptr: *const u8, message_len:
     call(|api, _rng| api.session_accept(keys, message))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn session_encrypt(
     session: u32,
@@ -221,6 +233,7 @@ pub extern "C" fn session_encrypt(
     call(|api, rng| api.session_encrypt(session, plaintext, rng))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn session_decrypt(
     session: u32,
@@ -232,11 +245,13 @@ pub extern "C" fn session_decrypt(
     call(|api, _rng| api.session_decrypt(session, message))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn session_encode(session: u32) -> *mut u8 {
     call(|api, _rng| api.session_encode(session))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn session_decode(bytes_ptr: *const u8, bytes_len: usize) -> *mut u8 {
     // SAFETY: the glue passes a buffer it got from `alloc` and filled (see `input`).
@@ -244,18 +259,21 @@ pub extern "C" fn session_decode(bytes_ptr: *const u8, bytes_len: usize) -> *mut
     call(|api, _rng| api.session_decode(bytes))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn session_remote_identity(session: u32) -> *mut u8 {
     call(|api, _rng| api.session_remote_identity(session))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn initial_header(message_ptr: *const u8, message_len: usize) -> *mut u8 {
     // SAFETY: the glue passes a buffer it got from `alloc` and filled (see `input`).
     let message = unsafe { input(message_ptr, message_len) };
-    call(|_api, _rng| api::initial_header(message))
+    call(|_api, _rng| crate::api::initial_header(message))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn safety_number(
     local_ptr: *const u8,
@@ -276,9 +294,10 @@ pub extern "C" fn safety_number(
             input(remote_id_ptr, remote_id_len),
         )
     };
-    call(|_api, _rng| api::safety_number(local, local_id, remote, remote_id))
+    call(|_api, _rng| crate::api::safety_number(local, local_id, remote, remote_id))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn directory_new(public_key_ptr: *const u8, public_key_len: usize) -> *mut u8 {
     // SAFETY: the glue passes a buffer it got from `alloc` and filled (see `input`).
@@ -286,6 +305,7 @@ pub extern "C" fn directory_new(public_key_ptr: *const u8, public_key_len: usize
     call(|api, _rng| api.directory_new(public_key))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn directory_from_bytes(bytes_ptr: *const u8, bytes_len: usize) -> *mut u8 {
     // SAFETY: the glue passes a buffer it got from `alloc` and filled (see `input`).
@@ -293,11 +313,13 @@ pub extern "C" fn directory_from_bytes(bytes_ptr: *const u8, bytes_len: usize) -
     call(|api, _rng| api.directory_from_bytes(bytes))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn directory_to_bytes(directory: u32) -> *mut u8 {
     call(|api, _rng| api.directory_to_bytes(directory))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn directory_accept_head(
     directory: u32,
@@ -312,6 +334,7 @@ pub extern "C" fn directory_accept_head(
     call(|api, _rng| api.directory_accept_head(directory, head, proof, now))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn directory_verify_key_entry(
     directory: u32,
@@ -335,6 +358,7 @@ pub extern "C" fn directory_verify_key_entry(
     call(|api, _rng| api.directory_verify_key_entry(directory, leaf, index, proof, head, now))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn group_new(
     group_id_ptr: *const u8,
@@ -355,11 +379,13 @@ pub extern "C" fn group_new(
     call(|api, rng| api.group_new(group_id, own_id, members, rng))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn group_own_distribution(group: u32) -> *mut u8 {
     call(|api, _rng| api.group_own_distribution(group))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn group_process_distribution(
     group: u32,
@@ -378,6 +404,7 @@ pub extern "C" fn group_process_distribution(
     call(|api, _rng| api.group_process_distribution(group, from, distribution))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn group_add_member(
     group: u32,
@@ -389,6 +416,7 @@ pub extern "C" fn group_add_member(
     call(|api, _rng| api.group_add_member(group, member))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn group_remove_member(
     group: u32,
@@ -400,6 +428,7 @@ pub extern "C" fn group_remove_member(
     call(|api, rng| api.group_remove_member(group, member, rng))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn group_encrypt(
     group: u32,
@@ -411,6 +440,7 @@ pub extern "C" fn group_encrypt(
     call(|api, _rng| api.group_encrypt(group, plaintext))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn group_decrypt(group: u32, message_ptr: *const u8, message_len: usize) -> *mut u8 {
     // SAFETY: the glue passes a buffer it got from `alloc` and filled (see `input`).
@@ -418,11 +448,13 @@ pub extern "C" fn group_decrypt(group: u32, message_ptr: *const u8, message_len:
     call(|api, _rng| api.group_decrypt(group, message))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn group_encode(group: u32) -> *mut u8 {
     call(|api, _rng| api.group_encode(group))
 }
 
+#[cfg(feature = "app")]
 #[unsafe(no_mangle)]
 pub extern "C" fn group_decode(bytes_ptr: *const u8, bytes_len: usize) -> *mut u8 {
     // SAFETY: the glue passes a buffer it got from `alloc` and filled (see `input`).
@@ -430,6 +462,7 @@ pub extern "C" fn group_decode(bytes_ptr: *const u8, bytes_len: usize) -> *mut u
     call(|api, _rng| api.group_decode(bytes))
 }
 
+#[cfg(feature = "verify")]
 #[unsafe(no_mangle)]
 pub extern "C" fn release_verify(
     public_key_ptr: *const u8,
@@ -454,6 +487,7 @@ pub extern "C" fn release_verify(
     call(|api, _rng| api.release_verify(public_key, manifest, signature, now, min_version))
 }
 
+#[cfg(feature = "verify")]
 #[unsafe(no_mangle)]
 pub extern "C" fn release_check_file(
     release: u32,
@@ -468,7 +502,8 @@ pub extern "C" fn release_check_file(
     call(|api, _rng| api.release_check_file(release, path, contents))
 }
 
+#[cfg(feature = "bench")]
 #[unsafe(no_mangle)]
 pub extern "C" fn bench(op: u32, iterations: u32) -> *mut u8 {
-    call(|_api, rng| api::bench(op, iterations, rng))
+    call(|_api, rng| crate::api::bench(op, iterations, rng))
 }

@@ -7,21 +7,32 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(feature = "app")]
 use chat_core::codec::DecodeError;
+#[cfg(feature = "app")]
 use chat_core::directory::{DirectoryError, DirectoryVerifier};
+#[cfg(feature = "app")]
 use chat_core::group::{GroupError, GroupState, SenderKeyDistribution};
+#[cfg(feature = "app")]
 use chat_core::identity::{
     BUNDLE_VERSION, DeviceKeys, IDENTITY_PUBLIC_VERSION, IdentityPublic, KeyError, PreKeyBundle,
     SignedPreKey,
 };
+#[cfg(feature = "app")]
 use chat_core::ratchet::{self, Session, SessionError};
+#[cfg(feature = "app")]
 use chat_core::safety::SafetyNumber;
+#[cfg(feature = "app")]
 use chat_core::x3dh::X3dhError;
+#[cfg(feature = "verify")]
 use chat_signing::manifest::{
     FileDigest, ReleaseError, VerifiedManifest, VerifyPolicy, verify_manifest,
 };
+#[cfg(feature = "verify")]
 use chat_signing::release::ReleasePublicKey;
+#[cfg(feature = "app")]
 use chat_signing::tree_head::{DirectoryPublicKey, SignedTreeHead};
+#[cfg(feature = "app")]
 use rand_core::CryptoRngCore;
 
 /// Raw identity: Ed25519 key (32) || X25519 key (32) || Ed25519 signature binding them (64).
@@ -53,12 +64,14 @@ impl ApiError {
 
 pub type ApiResult = Result<Vec<u8>, ApiError>;
 
+#[cfg(feature = "app")]
 impl From<DecodeError> for ApiError {
     fn from(e: DecodeError) -> Self {
         Self::new("malformed", e.to_string())
     }
 }
 
+#[cfg(feature = "app")]
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
         let code = match e {
@@ -69,6 +82,7 @@ impl From<KeyError> for ApiError {
     }
 }
 
+#[cfg(feature = "app")]
 impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         let code = match &e {
@@ -94,6 +108,7 @@ impl From<SessionError> for ApiError {
     }
 }
 
+#[cfg(feature = "app")]
 impl From<GroupError> for ApiError {
     fn from(e: GroupError) -> Self {
         let code = match &e {
@@ -114,6 +129,7 @@ impl From<GroupError> for ApiError {
     }
 }
 
+#[cfg(feature = "app")]
 impl From<DirectoryError> for ApiError {
     fn from(e: DirectoryError) -> Self {
         let code = match &e {
@@ -135,6 +151,7 @@ impl From<DirectoryError> for ApiError {
     }
 }
 
+#[cfg(feature = "verify")]
 impl From<ReleaseError> for ApiError {
     fn from(e: ReleaseError) -> Self {
         Self::new(e.code(), e.to_string())
@@ -143,10 +160,15 @@ impl From<ReleaseError> for ApiError {
 
 /// One live object.
 enum Object {
+    #[cfg(feature = "app")]
     Keys(Box<DeviceKeys>),
+    #[cfg(feature = "app")]
     Session(Box<Session>),
+    #[cfg(feature = "app")]
     Directory(Box<DirectoryVerifier>),
+    #[cfg(feature = "app")]
     Group(Box<GroupState>),
+    #[cfg(feature = "verify")]
     Release(Box<VerifiedManifest>),
 }
 
@@ -200,7 +222,10 @@ impl Api {
     pub fn live_objects(&self) -> usize {
         self.objects.len()
     }
+}
 
+#[cfg(feature = "app")]
+impl Api {
     // ---- device keys -------------------------------------------------------------------
 
     pub fn keys_generate(&mut self, rng: &mut impl CryptoRngCore) -> ApiResult {
@@ -481,7 +506,10 @@ impl Api {
         let group = GroupState::decode(bytes)?;
         self.insert_handle(Object::Group(Box::new(group)))
     }
+}
 
+#[cfg(feature = "verify")]
+impl Api {
     // ---- release verification ------------------------------------------------------------
 
     /// Verifies `manifest.json` and its `.minisig` under the release public key (minisign file
@@ -536,11 +564,13 @@ impl Api {
     }
 }
 
-// ---- stateless functions -----------------------------------------------------------------
+// ---- stateless functions (app) -----------------------------------------------------------------
 
+#[cfg(feature = "bench")]
 /// Benchmark hook (`bench/bench.mjs`): runs `iterations` of operation `op` entirely inside
 /// wasm, so the figure has no JS call overhead, matching `client-web/core/benches/crypto.rs`:
-/// 0 = one X25519 agreement, 1 = X3DH initiator and responder (no one-time prekey).
+/// 0 = one X25519 agreement, 1 = X3DH initiator and responder (no one-time prekey), 2 = a
+/// symmetric-ratchet encrypt + decrypt of 256 bytes (no JS calls in between).
 pub fn bench(op: u32, iterations: u32, rng: &mut impl CryptoRngCore) -> ApiResult {
     match op {
         0 => {
@@ -569,10 +599,26 @@ pub fn bench(op: u32, iterations: u32, rng: &mut impl CryptoRngCore) -> ApiResul
             }
             Ok(Vec::new())
         }
+        2 => {
+            let alice = chat_core::identity::IdentityKeyPair::generate(rng);
+            let mut bob = DeviceKeys::generate(rng);
+            let mut a = Session::initiate(&alice, &bob.bundle(None), rng)?;
+            let (mut b, _) = Session::accept(&mut bob, &a.encrypt(b"hi", rng)?)?;
+            a.decrypt(&b.encrypt(b"hello", rng)?)?;
+            let plaintext = [0x5a_u8; 256];
+            for _ in 0..iterations {
+                let message = a.encrypt(&plaintext, rng)?;
+                if b.decrypt(&message)? != plaintext {
+                    return Err(ApiError::new("internal", "ratchet round trip differs"));
+                }
+            }
+            Ok(Vec::new())
+        }
         _ => Err(ApiError::bad_argument(format!("unknown benchmark {op}"))),
     }
 }
 
+#[cfg(feature = "app")]
 /// The X3DH header of a message, to choose between accept and decrypt: `[0]` for an ordinary
 /// message, else `[1] || sender identity (128) || ephemeral key (32) || signed prekey id (u32)
 /// || has one-time prekey (u8) || one-time prekey id (u32, 0 when absent)`. Not verified yet.
@@ -591,6 +637,7 @@ pub fn initial_header(message: &[u8]) -> ApiResult {
     })
 }
 
+#[cfg(feature = "app")]
 /// `60 ASCII digits || QR payload` for two raw identities and their stable ids (user ids).
 pub fn safety_number(local: &[u8], local_id: &[u8], remote: &[u8], remote_id: &[u8]) -> ApiResult {
     let local = identity_from_raw(local)?;
@@ -603,6 +650,7 @@ pub fn safety_number(local: &[u8], local_id: &[u8], remote: &[u8], remote_id: &[
 
 // ---- raw layouts ---------------------------------------------------------------------------
 
+#[cfg(feature = "app")]
 fn raw_identity(identity: &IdentityPublic) -> [u8; IDENTITY_LEN] {
     let encoded = identity.encode();
     let mut out = [0u8; IDENTITY_LEN];
@@ -611,6 +659,7 @@ fn raw_identity(identity: &IdentityPublic) -> [u8; IDENTITY_LEN] {
     out
 }
 
+#[cfg(feature = "app")]
 fn raw_signed_prekey(spk: &SignedPreKey) -> Vec<u8> {
     let mut out = Vec::with_capacity(SIGNED_PREKEY_LEN);
     out.extend_from_slice(&spk.id.to_be_bytes());
@@ -619,6 +668,7 @@ fn raw_signed_prekey(spk: &SignedPreKey) -> Vec<u8> {
     out
 }
 
+#[cfg(feature = "app")]
 fn identity_from_raw(raw: &[u8]) -> Result<IdentityPublic, ApiError> {
     if raw.len() != IDENTITY_LEN {
         return Err(ApiError::bad_argument(format!(
@@ -631,6 +681,7 @@ fn identity_from_raw(raw: &[u8]) -> Result<IdentityPublic, ApiError> {
     )?)
 }
 
+#[cfg(feature = "app")]
 fn bundle_from_raw(raw: &[u8]) -> Result<PreKeyBundle, ApiError> {
     let base = IDENTITY_LEN + SIGNED_PREKEY_LEN;
     let one_time = match raw.len() {
@@ -654,10 +705,12 @@ fn bundle_from_raw(raw: &[u8]) -> Result<PreKeyBundle, ApiError> {
     Ok(PreKeyBundle::decode(&encoded)?)
 }
 
+#[cfg(feature = "app")]
 fn tree_head(bytes: &[u8]) -> Result<SignedTreeHead, ApiError> {
     SignedTreeHead::from_bytes(bytes).map_err(|e| ApiError::new("malformed", e.to_string()))
 }
 
+#[cfg(feature = "app")]
 fn hashes(bytes: &[u8]) -> Result<Vec<[u8; 32]>, ApiError> {
     let chunks = bytes.chunks_exact(32);
     if !chunks.remainder().is_empty() {
@@ -678,7 +731,7 @@ fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, ApiError> {
     std::str::from_utf8(bytes).map_err(|_| ApiError::bad_argument(format!("{what} is not UTF-8")))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "app"))]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
-//! chat-core-wasm: chat-core and release verification for the browser, as a `.wasm` with a
-//! small hand-written byte ABI (no wasm-bindgen, no JS build step, nothing to install).
+//! chat-core-wasm: chat-core and release verification for the browser, as two `.wasm` files with
+//! a small hand-written byte ABI (no wasm-bindgen, no JS build step, nothing to install): the
+//! app's `chat_core.wasm` (feature `app`) and the loader's `chat_verify.wasm` (feature `verify`).
 //!
 //! - [`api`]: the operations in safe Rust: byte slices in, bytes or a coded error out, live
 //!   objects (device keys, sessions, directory verifiers, groups, verified releases) behind
@@ -9,7 +10,8 @@
 //!
 //! Every export returns a result buffer `[length u32 BE][status u8][payload]` (status 0: the
 //! payload is the value; 1: the payload is `code length (u8) || code || message`).
-//! `js/chat_core.js` is the ES module that wraps it; README.md lists every export and layout.
+//! `js/chat_core.js` and `js/chat_verify.js` are the ES modules that wrap them; README.md lists
+//! every export and layout.
 #![deny(unsafe_code)]
 
 mod abi;

@@ -1,4 +1,4 @@
-//! chat_core.wasm in a real engine: builds it with `cargo xtask wasm` (own target directory, so
+//! chat_core.wasm and chat_verify.wasm in a real engine: builds them with `cargo xtask wasm` (own target directory, so
 //! it never waits on the outer cargo's lock) and runs the `tests/*.mjs` scripts under Node.js.
 //! Native vectors come from chat-core and chat-signing in this process. `node` is required:
 //! these tests fail, never skip, without it.
@@ -21,7 +21,7 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The package directory (`chat_core.wasm` + `chat_core.js`), built once per test binary.
+/// The package directory (`chat_core.*` and `chat_verify.*`), built once per test binary.
 fn package() -> &'static Path {
     static PACKAGE: OnceLock<PathBuf> = OnceLock::new();
     PACKAGE.get_or_init(|| {
@@ -97,6 +97,36 @@ fn strings(v: &Value) -> Vec<String> {
         .iter()
         .map(|s| s.as_str().expect("string").to_owned())
         .collect()
+}
+
+#[test]
+fn the_verifier_imports_nothing_and_the_app_only_host_randomness() {
+    let modules = node_json("modules.mjs", &[]);
+    assert_eq!(
+        strings(&modules["chat_verify"]["imports"]),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        strings(&modules["chat_core"]["imports"]),
+        vec!["env.random_fill".to_owned()]
+    );
+    let verifier_exports = strings(&modules["chat_verify"]["exports"]);
+    for name in [
+        "release_verify",
+        "release_check_file",
+        "alloc",
+        "dealloc",
+        "free_handle",
+    ] {
+        assert!(verifier_exports.iter().any(|e| e == name), "{name} missing");
+    }
+    assert!(
+        !verifier_exports.iter().any(|e| e.starts_with("session_")),
+        "the verifier must not carry the app"
+    );
+    let app_exports = strings(&modules["chat_core"]["exports"]);
+    assert!(app_exports.iter().any(|e| e == "session_encrypt"));
+    assert!(!app_exports.iter().any(|e| e.starts_with("release_")));
 }
 
 #[test]

@@ -1,12 +1,12 @@
-// Release verification in wasm of manifests signed natively by chat-signing (see tests/node.rs).
-// Usage: node release.mjs PKG_DIR DIR. Prints one JSON object: the verified summary and, per
-// refusal case, the ChatCoreError code.
+// Release verification in chat_verify.wasm (the loader's verifier) of manifests signed natively
+// by chat-signing (see tests/node.rs). Usage: node release.mjs PKG_DIR DIR. Prints one JSON
+// object: the verified summary and, per refusal case, the ChatVerifyError code.
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { load, errorCode } from './common.mjs';
+import { loadVerifier, errorCode } from './common.mjs';
 
 const [pkg, dir] = process.argv.slice(2);
-const core = await load(pkg);
+const core = await loadVerifier(pkg);
 const file = (name) => new Uint8Array(readFileSync(join(dir, name)));
 const str = (name) => readFileSync(join(dir, name), 'utf8');
 const { now, expires_unix } = JSON.parse(str('times.json'));
