@@ -8,3 +8,4 @@ pub mod files;
 pub mod passphrase;
 pub mod progress;
 pub mod runtime;
+pub mod supervisor;
