@@ -162,14 +162,15 @@ export function decodeEnvelope(bytes) {
 }
 
 // ---- payloads inside the encryption ----
-// 1: text  [1][sent_at u64][text str]           (the native client's TextMessage)
-// 2: receipt [2][kind u8: 1 delivered, 2 read][count u32][count × message id (16)]
+// 1: text  [1][sent_at u64][text str]   (the native client's TextMessage, version 1: written here)
+// 2: text  [2][counter u64][sent_at u64][opt<bytes> head][text str]  (PROTOCOL.md §12, read here)
+// 0x80: receipt [0x80][kind u8: 1 delivered, 2 read][count u32][count × message id (16)]
 //    sent only to web devices (device id >= 2^31), which understand it.
 
 export const WEB_DEVICE_MIN = 0x80000000;
 export const textPayload = (sentAt, text) => new Writer().u8(1).u64(sentAt).str(text).done();
 export function receiptPayload(kind, ids) {
-  const w = new Writer().u8(2).u8(kind).u32(ids.length);
+  const w = new Writer().u8(0x80).u8(kind).u32(ids.length);
   for (const id of ids) w.fixed(id, 16);
   return w.done();
 }
@@ -179,7 +180,12 @@ export function decodePayload(bytes) {
   const version = r.u8();
   let out;
   if (version === 1) out = { type: 'text', sentAt: r.u64(), text: r.str(1 << 20) };
-  else if (version === 2) out = { type: 'receipt', kind: r.u8(), ids: r.list(1000, () => r.fixed(16)) };
+  else if (version === 2) {
+    const counter = r.u64();
+    const sentAt = r.u64();
+    const head = r.opt(() => r.bytes(512));
+    out = { type: 'text', counter, sentAt, head, text: r.str(1 << 20) };
+  } else if (version === 0x80) out = { type: 'receipt', kind: r.u8(), ids: r.list(1000, () => r.fixed(16)) };
   else throw new WireError('payload version');
   r.finish();
   return out;
