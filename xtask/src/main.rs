@@ -4,8 +4,10 @@
 //! - `test`: the project's test command: deps, the workspace tests, the wasm32 builds;
 //! - `bench-sign`: sign + verify of a 200 MB tree against the minisign CLI, same run;
 //! - `wasm`: chat_core.wasm and its JS glue for the browser;
-//! - `bench-wasm`: chat-core natively (criterion) against the same operations in wasm (Node.js).
+//! - `bench-wasm`: chat-core natively (criterion) against the same operations in wasm (Node.js);
+//! - `bench-cluster`: `chatctl up` against Docker Compose, and cross-instance delivery latency.
 
+mod bench_cluster;
 mod bench_sign;
 mod bench_wasm;
 mod wasm;
@@ -44,6 +46,7 @@ fn run() -> Result<()> {
         Some("bench-sign") => bench_sign::run(&args[1..]),
         Some("wasm") => wasm::run(&args[1..]),
         Some("bench-wasm") => bench_wasm::run(&args[1..]),
+        Some("bench-cluster") => bench_cluster::run(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -52,7 +55,8 @@ fn run() -> Result<()> {
                  test         deps, then every test of the workspace and the wasm32 builds\n  \
                  bench-sign   chatctl sign/verify of a 200 MB tree vs minisign -S/-V (--size-mb N)\n  \
                  wasm         build chat_core.wasm + chat_core.js into --out DIR\n  \
-                 bench-wasm   chat-core natively vs in wasm under Node.js; writes docs/BENCHMARKS.md"
+                 bench-wasm   chat-core natively vs in wasm under Node.js; writes docs/BENCHMARKS.md\n  \
+                 bench-cluster  chatctl up vs docker compose, cross-instance latency (--runs N)"
             );
             bail!("unknown or missing task");
         }
