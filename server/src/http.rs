@@ -1,8 +1,17 @@
-//! HTTP routing: `/healthz`, `/readyz`, `/metrics`, the WebSocket upgrade at `/v1/ws`, and the
-//! static bundle for everything else (when `--bundle` is given).
+//! HTTP routing: `/healthz`, `/readyz`, `/metrics`, the WebSocket upgrade at `/v1/ws`, the
+//! loopback-only admin trigger `/admin/drain`, and the static bundle for everything else (when
+//! `--bundle` is given).
+//!
+//! `GET /admin/drain[?batch=N&every_ms=M&delay_ms=D]` starts a gradual drain
+//! ([`Node::start_gradual_drain`]); it is answered only to peers on the loopback address (inside
+//! a container that is `docker exec CONTAINER /chat-server healthcheck --url
+//! https://localhost:8443/admin/drain --ca /keys/tls/ca.pem`, which is how the supervisor drains
+//! a server before removing it), and is 404 to everyone else. It is a GET so that the
+//! image's only client, `chat-server healthcheck`, can send it; it is idempotent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -10,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::node::Node;
+use crate::node::{DrainPlan, Node};
 
 pub type Body = Full<Bytes>;
 
@@ -44,11 +53,45 @@ pub async fn route(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) ->
             response
         }
         "/v1/ws" => upgrade(node, peer, req),
+        "/admin/drain" if peer.ip().is_loopback() => {
+            let plan = drain_plan(req.uri().query().unwrap_or_default());
+            let open = node.start_gradual_drain(plan);
+            let mut response = Response::new(Full::new(Bytes::from(format!(
+                "draining: {open} sessions, {} per {} ms\n",
+                plan.batch,
+                plan.every.as_millis()
+            ))));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            response
+        }
         path => match &node.bundle {
             Some(bundle) => bundle.serve(path).await,
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         },
     }
+}
+
+/// Reads `batch`, `every_ms` and `delay_ms` from a query string; the rest stays default.
+fn drain_plan(query: &str) -> DrainPlan {
+    let mut plan = DrainPlan::default();
+    for pair in query.split('&') {
+        let Some((key, value)) = pair.split_once('=') else {
+            continue;
+        };
+        let Ok(n) = value.parse::<u64>() else {
+            continue;
+        };
+        match key {
+            "batch" => plan.batch = usize::try_from(n.clamp(1, 100_000)).unwrap_or(1),
+            "every_ms" => plan.every = Duration::from_millis(n.min(60_000)),
+            "delay_ms" => plan.delay = Duration::from_millis(n.min(60_000)),
+            _ => {}
+        }
+    }
+    plan
 }
 
 /// Answers a WebSocket handshake (RFC 6455) and hands the upgraded connection to `ws::serve`.
@@ -104,4 +147,19 @@ fn upgrade(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Res
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_plans_are_read_from_the_query_and_bounded() {
+        let plan = drain_plan("batch=5&every_ms=100&delay_ms=0&x=1");
+        assert_eq!(plan.batch, 5);
+        assert_eq!(plan.every, Duration::from_millis(100));
+        assert_eq!(plan.delay, Duration::ZERO);
+        assert_eq!(drain_plan("batch=0").batch, 1);
+        assert_eq!(drain_plan("batch=nope"), DrainPlan::default());
+    }
 }

@@ -5,9 +5,9 @@
 //! send back. Delivery of mailbox contents is pushed separately by the WebSocket layer, woken
 //! through the [`Backplane`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use chat_core::wire::{
 };
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use rand_core::{OsRng, RngCore};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::accounts::{AccountRecord, DeviceRecord};
 use crate::backplane::Backplane;
@@ -104,6 +104,8 @@ pub struct Node {
     draining: AtomicBool,
     /// Flips to `true` when the server shuts down or drains: sessions close with `Reconnect`.
     pub shutdown: watch::Sender<bool>,
+    /// Open WebSocket sessions a gradual drain closes batch by batch.
+    sessions: SessionRegistry,
     registrations: RateLimiter,
     #[cfg(feature = "hostile")]
     pub hostile: Option<crate::hostile::Hostile>,
@@ -115,6 +117,34 @@ impl std::fmt::Debug for Node {
             .field("listen", &self.config.listen)
             .finish_non_exhaustive()
     }
+}
+
+/// How a gradual drain closes sessions ([`Node::start_gradual_drain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainPlan {
+    /// Sessions closed per batch.
+    pub batch: usize,
+    /// Pause between batches.
+    pub every: Duration,
+    /// Pause before the first batch.
+    pub delay: Duration,
+}
+
+impl Default for DrainPlan {
+    fn default() -> Self {
+        Self {
+            batch: 50,
+            every: Duration::from_millis(250),
+            delay: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// The sessions of a node, each with the sender that asks it to close.
+#[derive(Debug, Default)]
+struct SessionRegistry {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, oneshot::Sender<()>>>,
 }
 
 /// Resolves once `rx` reads `true` (the guard of the watch value is dropped before returning,
@@ -203,6 +233,7 @@ impl Node {
             bundle,
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
+            sessions: SessionRegistry::default(),
             registrations: RateLimiter::default(),
             #[cfg(feature = "hostile")]
             hostile,
@@ -217,6 +248,58 @@ impl Node {
     pub fn start_draining(&self) {
         self.draining.store(true, Relaxed);
         self.shutdown.send_replace(true);
+    }
+
+    /// Registers an open WebSocket session; the receiver fires when a gradual drain reaches
+    /// it (the session then closes with the reconnect code). Pair with [`Node::session_ended`].
+    pub fn session_started(&self) -> (u64, oneshot::Receiver<()>) {
+        let id = self.sessions.next.fetch_add(1, Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut open) = self.sessions.open.lock() {
+            open.insert(id, tx);
+        }
+        (id, rx)
+    }
+
+    pub fn session_ended(&self, id: u64) {
+        if let Ok(mut open) = self.sessions.open.lock() {
+            open.remove(&id);
+        }
+    }
+
+    /// Drains without a shutdown: not ready at once (`/readyz` 503, `chatapp_ready` 0, no new
+    /// WebSockets or logins), then, after `plan.delay` (time for the gateway to notice), closes
+    /// the open sessions with the reconnect code `plan.batch` at a time every `plan.every`, so
+    /// their clients come back through the gateway spread out instead of all at once. Returns
+    /// the number of sessions open when it started; a second call only reports that number.
+    pub fn start_gradual_drain(self: &Arc<Self>, plan: DrainPlan) -> usize {
+        let open = self.sessions.open.lock().map(|o| o.len()).unwrap_or(0);
+        if self.draining.swap(true, Relaxed) {
+            return open;
+        }
+        tracing::info!(sessions = open, batch = plan.batch, every = ?plan.every, "draining in batches");
+        let node = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(plan.delay).await;
+            loop {
+                let batch: Vec<oneshot::Sender<()>> = match node.sessions.open.lock() {
+                    Ok(mut open) => {
+                        let ids: Vec<u64> = open.keys().take(plan.batch.max(1)).copied().collect();
+                        ids.iter().filter_map(|id| open.remove(id)).collect()
+                    }
+                    Err(_) => break,
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                for tx in batch {
+                    let _ = tx.send(());
+                }
+                tokio::time::sleep(plan.every).await;
+            }
+            tracing::info!("drain: every session was asked to reconnect");
+        });
+        open
     }
 
     async fn timed<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
@@ -642,8 +725,7 @@ impl Node {
         };
         let mailbox = MailboxId::new(&to_user, to_device);
         #[cfg(feature = "hostile")]
-        if let Some(out) =
-            crate::hostile::intercept_send(self, &mailbox, message_id, &record).await
+        if let Some(out) = crate::hostile::intercept_send(self, &mailbox, message_id, &record).await
         {
             return out;
         }

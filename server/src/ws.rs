@@ -4,7 +4,8 @@
 //! tokio-tungstenite over hyper's upgraded connection, no permessage-deflate, messages capped at
 //! `MAX_FRAME_BYTES`, small write buffers (idle sockets must stay cheap). One writer task owns
 //! the sink; the reader, the delivery loop and shutdown all send to it through a bounded channel,
-//! so a slow reader applies back-pressure instead of growing memory.
+//! so a slow reader applies back-pressure instead of growing memory. A session closes with the
+//! reconnect code when the server shuts down or when a gradual drain reaches it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -90,6 +91,7 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
 
     let mut session = Session::new(peer.ip());
     let mut shutdown = node.shutdown.subscribe();
+    let (session_id, mut drain) = node.session_started();
     let mut delivery: Option<tokio::task::JoinHandle<()>> = None;
     let idle = Duration::from_secs(node.config.limits.unauthenticated_idle_secs);
     let close = loop {
@@ -101,6 +103,7 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
         };
         tokio::select! {
             () = crate::node::flipped(&mut shutdown) => break Some((CloseCode::Reconnect, "server draining: reconnect")),
+            Ok(()) = &mut drain => break Some((CloseCode::Reconnect, "server draining: reconnect")),
             () = timeout => break Some((CloseCode::AuthFailed, "no login in time")),
             message = stream.next() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
@@ -134,6 +137,7 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
             },
         }
     };
+    node.session_ended(session_id);
     if let Some(task) = delivery.take() {
         task.abort();
     }

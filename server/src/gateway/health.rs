@@ -1,17 +1,26 @@
 //! Health: every interval, resolve the upstream names (a Docker network alias resolves to every
 //! server container, so scaling needs no reconfiguration), update the pool, and probe each
-//! endpoint's `/readyz` over TLS. A draining server answers 503 there and gets no new
-//! connections; one that does not answer is not ready until it does.
+//! endpoint by scraping its `/metrics` over TLS: `chatapp_ready` says whether it takes new work
+//! (0 while it drains), and its counters (connections, frames, envelopes) are kept for
+//! `/gateway/metrics`. An answer that is not 200 makes it not ready; no answer within
+//! [`PROBE_TIMEOUT`] is a failure for the circuit breaker. After a round with a failure the next
+//! one comes sooner ([`FAILED_ROUND_INTERVAL`]), so a hung server is ejected within seconds.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::balance::Pool;
+use super::balance::{Outcome, Pool, ServerCounters};
+
+/// How long a probe may take before it counts as a failure.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause before the next round when a probe failed in this one.
+pub const FAILED_ROUND_INTERVAL: Duration = Duration::from_millis(250);
+/// Largest `/metrics` response read.
+const MAX_METRICS_BYTES: usize = 64 * 1024;
 use super::upstream::Connector;
 
 /// The status code of an HTTP/1.x response head (`HTTP/1.1 200 OK`).
@@ -64,24 +73,76 @@ pub async fn probe(connector: &Connector, addr: SocketAddr) -> bool {
     )
 }
 
-/// One round: resolve, update the pool, probe everything concurrently.
-pub async fn check_once(pool: &Pool, connector: &Connector, names: &[String]) {
+/// Scrapes the upstream's `/metrics`: [`Outcome::Probed`] with its counters,
+/// [`Outcome::ProbeRefused`] for another status (or a body that is not a chat-server's), or
+/// [`Outcome::ProbeFailed`] when nothing answered within [`PROBE_TIMEOUT`].
+pub async fn probe_metrics(connector: &Connector, addr: SocketAddr) -> Outcome {
+    let work = async {
+        let mut stream = connector.connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                // A server that closes without TLS close_notify still sent its answer.
+                Err(_) if !buf.is_empty() => break,
+                Err(_) => return None,
+            }
+            if buf.len() > MAX_METRICS_BYTES {
+                break;
+            }
+        }
+        Some(buf)
+    };
+    let Ok(Some(bytes)) = tokio::time::timeout(PROBE_TIMEOUT, work).await else {
+        return Outcome::ProbeFailed;
+    };
+    if status_code(&bytes) != Some(200) {
+        return if bytes.is_empty() {
+            Outcome::ProbeFailed
+        } else {
+            Outcome::ProbeRefused
+        };
+    }
+    let body = super::routing::head_end(&bytes)
+        .and_then(|i| bytes.get(i..))
+        .unwrap_or_default();
+    match ServerCounters::parse(&String::from_utf8_lossy(body)) {
+        Some(counters) => Outcome::Probed(counters),
+        None => Outcome::ProbeRefused,
+    }
+}
+
+/// One round: resolve, update the pool, probe everything concurrently and report each
+/// outcome to the pool; returns whether any probe failed.
+pub async fn check_once(pool: &Pool, connector: &Connector, names: &[String]) -> bool {
     let addrs = resolve(names).await;
     pool.set_addresses(&addrs);
     let probes = pool.snapshot().into_iter().map(|e| {
         let connector = connector.clone();
         async move {
-            let ok = probe(&connector, e.addr).await;
-            let was = e.ready.swap(ok, Relaxed);
-            if was != ok {
-                tracing::info!(upstream = %e.addr, ready = ok, "upstream readiness changed");
+            let outcome = probe_metrics(&connector, e.addr).await;
+            let was = e.eligible();
+            pool.report(&e, outcome);
+            let now = e.eligible();
+            if was != now {
+                tracing::info!(upstream = %e.addr, eligible = now, ?outcome, "upstream eligibility changed");
             }
+            outcome == Outcome::ProbeFailed
         }
     });
-    futures_util::future::join_all(probes).await;
+    futures_util::future::join_all(probes)
+        .await
+        .into_iter()
+        .any(|failed| failed)
 }
 
-/// Runs [`check_once`] every `interval` until `stop` flips.
+/// Runs [`check_once`] every `interval` (sooner after a failed probe) until `stop` flips.
 pub async fn run(
     pool: Arc<Pool>,
     connector: Connector,
@@ -90,9 +151,14 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        check_once(&pool, &connector, &names).await;
+        let failed = check_once(&pool, &connector, &names).await;
+        let pause = if failed {
+            interval.min(FAILED_ROUND_INTERVAL)
+        } else {
+            interval
+        };
         tokio::select! {
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(pause) => {}
             _ = stop.changed() => return,
         }
     }

@@ -5,8 +5,9 @@
 //! project CA, then copies bytes both ways until either side closes.
 //!
 //! Layers, each in its module and tested alone: [`routing`] (who answers a request),
-//! [`balance`] (the pool, least connections, the outlier-ejection seam), [`health`] (discovery
-//! by DNS and readiness probes), [`upstream`] (TLS to the servers).
+//! [`balance`] (the pool, least connections, the circuit breaker that ejects hung or failing
+//! upstreams and cuts their connections), [`health`] (discovery by DNS, probes that scrape each
+//! server's `/metrics`), [`upstream`] (TLS to the servers).
 //!
 //! Balancing is per connection: a client's HTTP/1.1 keep-alive connection or WebSocket stays on
 //! the server it was given, which is what least-connections counts.
@@ -244,7 +245,15 @@ async fn serve_client(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> Resu
     };
     tracing::debug!(%peer, upstream = %lease.endpoint.addr, "proxying");
     upstream.write_all(&head).await?;
-    let _ = copy_bidirectional(&mut client, &mut upstream).await;
+    // An ejected upstream (hung or failing) takes its connections down with it, so their
+    // clients reconnect to a healthy server instead of waiting on a dead socket.
+    let mut evicted = lease.endpoint.evictions();
+    tokio::select! {
+        _ = copy_bidirectional(&mut client, &mut upstream) => {}
+        _ = evicted.changed() => {
+            tracing::info!(%peer, upstream = %lease.endpoint.addr, "upstream ejected: closing the client connection");
+        }
+    }
     drop(lease);
     Ok(())
 }
