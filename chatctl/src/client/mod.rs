@@ -16,6 +16,7 @@
 //! tree head, which the receiver checks against its own view of the directory (split views).
 
 pub mod conn;
+pub mod reconnect;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -285,6 +286,8 @@ pub struct Client {
     checked_heads: HashSet<(u64, [u8; 32])>,
     /// Everything noticed while receiving, oldest first (also printed as warnings).
     pub alerts: Vec<Alert>,
+    /// Where it connected, to connect again ([`Client::reconnect`]).
+    options: ClientOptions,
 }
 
 impl std::fmt::Debug for Client {
@@ -363,6 +366,7 @@ impl Client {
             latest_head: None,
             checked_heads: HashSet::new(),
             alerts: Vec::new(),
+            options: opts.clone(),
         };
         client.save_state()?;
         client.login().await?;
@@ -410,6 +414,7 @@ impl Client {
             latest_head,
             checked_heads: HashSet::new(),
             alerts: Vec::new(),
+            options: opts.clone(),
         };
         client.login().await?;
         client.check_own_entry().await?;
