@@ -24,6 +24,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("nats-server", "nats-server"),
     ("chromium", "chromium"),
+    ("testssl", "testssl.sh"),
     ("musl-gcc", "musl-tools"),
 ];
 /// Rust targets the workspace builds for.
