@@ -47,6 +47,9 @@ pub struct Connection {
     pub pending: VecDeque<ServerFrame>,
     next_request: u32,
     pub max_envelope_bytes: u32,
+    /// The instance that greeted us (`ServerHello.server_name`: the server's hostname unless
+    /// configured; in a `chatctl up` cluster the container name, `<project>-server-<i>`).
+    pub server_name: String,
 }
 
 /// Object-safe alias for the boxed stream.
@@ -137,6 +140,7 @@ impl Connection {
             pending: VecDeque::new(),
             next_request: 1,
             max_envelope_bytes: chat_core::wire::DEFAULT_MAX_ENVELOPE_BYTES,
+            server_name: String::new(),
         };
         conn.send(&ClientFrame::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -145,8 +149,13 @@ impl Connection {
         .await?;
         match conn.next_frame(REQUEST_TIMEOUT).await? {
             ServerFrame::ServerHello {
-                max_envelope_bytes, ..
-            } => conn.max_envelope_bytes = max_envelope_bytes,
+                max_envelope_bytes,
+                server_name,
+                ..
+            } => {
+                conn.max_envelope_bytes = max_envelope_bytes;
+                conn.server_name = server_name;
+            }
             other => bail!("expected ServerHello, got {}", other.name()),
         }
         Ok(conn)
