@@ -58,6 +58,12 @@ enum Command {
     Logs(cmd::logs::LogsArgs),
     /// Set the number of chat-server containers of a running project.
     Scale(cmd::scale::ScaleArgs),
+    /// Heal and autoscale a running project (what `up` runs; `up --detach` starts it detached).
+    Supervise(cmd::supervise::SuperviseArgs),
+    /// Show what the supervisor sees and did: instances, load, replicas, decisions, events.
+    Status(cmd::status::StatusArgs),
+    /// `status`, refreshing until Ctrl-C.
+    Top(cmd::top::TopArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +81,9 @@ fn main() -> ExitCode {
         Command::Ps(args) => cmd::ps::run(args),
         Command::Logs(args) => cmd::logs::run(args),
         Command::Scale(args) => cmd::scale::run(args),
+        Command::Supervise(args) => cmd::supervise::run(args),
+        Command::Status(args) => cmd::status::run(args),
+        Command::Top(args) => cmd::top::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

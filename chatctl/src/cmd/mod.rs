@@ -10,4 +10,7 @@ pub mod logs;
 pub mod ps;
 pub mod release;
 pub mod scale;
+pub mod status;
+pub mod supervise;
+pub mod top;
 pub mod up;

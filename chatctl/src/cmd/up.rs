@@ -77,7 +77,8 @@ pub fn validate_project(name: &str) -> Result<()> {
     chatctl chat register alice && chatctl chat register bob\n  \
     chatctl chat send --as alice bob hello && chatctl chat recv --as bob\n\n\
     Settings come from the flags, then chatctl.toml ([cluster] project, replicas, port, keys,\n\
-    bind, server_binary), then defaults. Running `up` again with the same settings changes\n\
+    bind, server_binary; [autoscale] for the supervisor), then defaults. A supervisor heals and\n\
+    autoscales the cluster: in the foreground here, or detached with --detach (`chatctl status`). Running `up` again with the same settings changes\n\
     nothing; changed settings or a new binary are rolled out one container at a time.\n\
     Exit status: 0 all healthy, 1 failed, 2 usage error, 3 no Docker engine (--runtime docker).")]
 pub struct UpArgs {
@@ -117,6 +118,12 @@ pub struct UpArgs {
     /// How to run the servers.
     #[arg(long, value_enum, default_value_t = RuntimeKind::Auto)]
     pub runtime: RuntimeKind,
+    /// Run no supervisor (nothing heals or autoscales the cluster).
+    #[arg(long)]
+    pub no_supervisor: bool,
+    /// Where the supervisor writes its status, pid and log files.
+    #[arg(long, default_value = chatctl::supervisor::status::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 /// `chatctl.toml`.
@@ -125,6 +132,9 @@ pub struct UpArgs {
 pub struct ConfigFile {
     #[serde(default)]
     pub cluster: ClusterSection,
+    /// The supervisor's policy (`[autoscale]`), defaults in docs/OPERATIONS.md.
+    #[serde(default)]
+    pub autoscale: chatctl::supervisor::policy::Policy,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -306,6 +316,7 @@ fn run_docker(
             image::MUSL_TARGET
         );
     }
+    let policy = super::supervise::policy(file)?;
     let started = Instant::now();
     rt.block_on(async {
         let server_build = image::server_image(&binary)?;
@@ -358,10 +369,21 @@ fn run_docker(
             started.elapsed().as_secs_f64(),
             keys_abs.join(keys::TLS_CA).display()
         );
+        if args.no_supervisor {
+            if args.detach {
+                return Ok(());
+            }
+            return foreground(docker, &project).await;
+        }
         if args.detach {
+            let pid = super::supervise::spawn_detached(&project, args.config.as_deref(), &args.state_dir)?;
+            eprintln!(
+                "Supervisor running (pid {pid}): heals and autoscales the project;                  `chatctl status --project {project}` shows what it does, log in {}.",
+                chatctl::supervisor::status::log_file(&args.state_dir, &project).display()
+            );
             return Ok(());
         }
-        foreground(docker, &project).await
+        supervise_foreground(docker, &project, policy, &args.state_dir).await
     })
 }
 
@@ -407,6 +429,42 @@ async fn foreground(docker: &DockerRuntime, project: &str) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    eprintln!("Stopping…");
+    let mut all = docker.list_containers(project).await?;
+    all.sort_by_key(|c| std::cmp::Reverse((c.service, c.instance)));
+    for c in all {
+        docker
+            .stop_container(&c.container_id, cluster::STOP_GRACE_SECS)
+            .await?;
+        cluster::report(&c.name, "Stopped");
+    }
+    eprintln!("Stopped (containers kept; `chatctl down` removes them).");
+    Ok(())
+}
+
+/// The supervisor in the foreground until Ctrl-C (events printed as they happen), then stops
+/// the project's containers like [`foreground`] does.
+async fn supervise_foreground(
+    docker: &DockerRuntime,
+    project: &str,
+    policy: chatctl::supervisor::policy::Policy,
+    state_dir: &Path,
+) -> Result<()> {
+    eprintln!(
+        "Supervising (heal{}); `chatctl status --project {project}` in another terminal. \
+         Press Ctrl-C to stop (or run `chatctl up --detach` next time).",
+        if policy.enabled { ", autoscale" } else { "" }
+    );
+    let options = chatctl::supervisor::SupervisorOptions {
+        project: project.to_owned(),
+        policy,
+        state_dir: state_dir.to_owned(),
+        print_events: true,
+    };
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    chatctl::supervisor::run(docker.clone(), options, ctrl_c).await?;
     eprintln!("Stopping…");
     let mut all = docker.list_containers(project).await?;
     all.sort_by_key(|c| std::cmp::Reverse((c.service, c.instance)));

@@ -78,13 +78,13 @@ impl Policy {
         if self.max_replicas < self.min_replicas {
             return Err("[autoscale] max_replicas must be at least min_replicas".into());
         }
-        if !(self.tolerance >= 0.0 && self.tolerance < 1.0) {
+        if self.tolerance.is_nan() || self.tolerance < 0.0 || self.tolerance >= 1.0 {
             return Err("[autoscale] tolerance must be in [0, 1)".into());
         }
         if self.target_connections < 0.0 || self.target_cpu_percent < 0.0 {
             return Err("[autoscale] targets must not be negative".into());
         }
-        if !(self.interval_secs >= 0.1) {
+        if self.interval_secs.is_nan() || self.interval_secs < 0.1 {
             return Err("[autoscale] interval_secs must be at least 0.1".into());
         }
         if self.max_step_up == 0 {
@@ -700,7 +700,7 @@ mod tests {
             max_replicas: 2,
             ..Policy::default()
         };
-        assert!(bad.validate().unwrap_err().contains("max_replicas"));
+        assert!(bad.validate().expect_err("refused").contains("max_replicas"));
         assert!(Policy::default().validate().is_ok());
         let toml_text = "min_replicas = 2\nstabilization_secs = 5\n";
         let p: Policy = toml::from_str(toml_text).expect("toml");
