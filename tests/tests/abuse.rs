@@ -508,3 +508,53 @@ async fn a_full_mailbox_refuses_more_and_takes_again_once_drained() {
         .await
         .expect("drained mailbox takes more");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_burst_of_concurrent_sends_loses_no_acknowledged_message() {
+    let mut world = chat_tests::World::new().expect("world");
+    world.register("bob").await.expect("bob").conn.close().await;
+    let mut senders = Vec::new();
+    for i in 0..4 {
+        let mut client = world.register(&format!("sender{i}")).await.expect("sender");
+        senders.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0.. {
+                let text = format!("sender{i} message {n}");
+                match client.send_text("bob", &text).await {
+                    Ok(_) => acked.push(text),
+                    Err(_) => break, // the server died mid-send: not acknowledged
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    world.server.kill9().expect("kill -9");
+    let mut acked = Vec::new();
+    for sender in senders {
+        acked.extend(sender.await.expect("sender task"));
+    }
+    assert!(
+        acked.len() > 10,
+        "the burst was too small to mean anything: {}",
+        acked.len()
+    );
+    world.server.restart().expect("restart");
+    let mut bob = world.open("bob").await.expect("bob");
+    let mut got = std::collections::HashSet::new();
+    loop {
+        let batch = bob.receive(Duration::from_secs(2)).await.expect("receive");
+        if batch.is_empty() {
+            break;
+        }
+        got.extend(batch.into_iter().map(|m| m.text));
+    }
+    let lost: Vec<&String> = acked.iter().filter(|t| !got.contains(*t)).collect();
+    eprintln!(
+        "kill -9 after a burst: {} acknowledged, {} delivered after restart, {} lost",
+        acked.len(),
+        got.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+}
