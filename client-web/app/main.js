@@ -1,7 +1,9 @@
 // main.js: the ChatApp browser app. Started by the loader (only after the release verified) with
 // the compiled chat_core.wasm and the directory public key; runs X3DH and the Double Ratchet in
 // wasm, checks every key against the transparency log before use, keeps its state encrypted in
-// IndexedDB, and talks to the server over one WebSocket (net.js).
+// IndexedDB, and talks to the server over one WebSocket (net.js). Text messages are payload
+// version 2 (a per-conversation counter and the sender's latest signed tree head, as the native
+// client writes them); gaps, replays and split views are shown as alerts.
 
 import { instantiate } from '../chat_core.js';
 import * as wire from './wire.js';
@@ -13,6 +15,9 @@ const CLIENT_NAME = 'web/0.1.0';
 const PREKEY_BATCH = 50;
 const RETRYABLE = new Set([501, 600, 900, 901]);
 const STATES = ['failed', 'sending', 'sent', 'delivered', 'read'];
+const MISSING_CAP = 1000; // missing counters remembered per conversation (PROTOCOL.md §12)
+const CHECKED_HEADS_CAP = 256;
+const ALERTS_SHOWN = 5;
 const root = document.documentElement;
 
 let core;
@@ -45,7 +50,9 @@ function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
-    else if (k === 'dataset') Object.assign(el.dataset, v);
+    else if (k === 'dataset') {
+      for (const [dk, dv] of Object.entries(v)) if (dv !== null && dv !== undefined) el.dataset[dk] = dv;
+    }
     else if (v !== false && v !== null && v !== undefined) el.setAttribute(k, v === true ? '' : v);
   }
   el.append(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
@@ -102,6 +109,7 @@ async function register(form) {
     directory: null, headSize: 0, sessions: {}, pins: {}, contacts: [], messages: {}, outbox: [],
     lastSeq: 0, seen: [], warnings: {},
   };
+  upgradeState();
   stateKey = await store.createKey(form.passphrase.value || null);
   dirH = core.directoryNew(directoryKey);
   await persist();
@@ -117,9 +125,18 @@ async function open(passphrase) {
     return;
   }
   if (!S) { showRegister(); return; }
+  upgradeState();
   keysH = core.keysDecode(S.keys);
   dirH = S.directory ? core.directoryFromBytes(S.directory) : core.directoryNew(directoryKey);
   connect();
+}
+
+/// Fields added after the first release of the app (older stored states lack them).
+function upgradeState() {
+  S.counters ??= { out: {}, in: {} };
+  S.pending ??= [];
+  S.latestHead ??= null;
+  S.checkedHeads ??= [];
 }
 
 async function persist() {
@@ -139,12 +156,15 @@ function connect() {
       root.dataset.conn = text.split(' ')[0];
       const el = $('#conn');
       if (el) el.textContent = text;
+      // Logged in again: encrypt what was written offline, resend what was not acknowledged.
+      if (text === 'online') drainPending().then(flushOutbox);
     },
   });
   conn.start();
 }
 
 async function login(c) {
+  inflight.clear(); // a new connection: everything unacknowledged is sent again
   await c.step(wire.hello(CLIENT_NAME), 'ServerHello');
   if (!S.registered) {
     const identity = core.keysIdentity(keysH);
@@ -175,7 +195,6 @@ async function login(c) {
     await persist();
   });
   root.dataset.login = 'ok';
-  flushOutbox();
 }
 
 async function clearAccount() {
@@ -194,6 +213,7 @@ async function refreshHead() {
   } catch (e) {
     throw new KeyProblem('directory', `Key directory check failed (${e.code ?? e.message}): the server's key log is not trustworthy.`);
   }
+  if (wire.headSize(f.head) >= S.headSize) S.latestHead = f.head;
   S.headSize = Math.max(S.headSize, wire.headSize(f.head));
   return f.head;
 }
@@ -232,33 +252,62 @@ function pin(user, device, identity) {
 
 // ---- sending ----
 
+/// Shows the message at once; it is encrypted when online (now, or after the next login).
 async function sendText(peer, text) {
   const entry = { key: wire.toHex(random16()), dir: 'out', text, time: now(), state: 'sending', ids: [], acked: [] };
   addMessage(peer, entry);
-  await serial(async () => {
-    try {
-      const payload = wire.textPayload(entry.time, text);
-      const bundle = await conn.request((id) => wire.fetchBundle(id, peer), (f, id) => f.type === 'Bundle' && f.requestId === id);
-      if (!bundle.devices.length) throw new Error(`${peer} has no devices`);
-      const envelopes = [];
-      for (const d of bundle.devices) envelopes.push([d.deviceId, await encryptTo(peer, d, payload)]);
-      for (const [device, envelope] of envelopes) {
-        const mid = wire.toHex(random16());
-        entry.ids.push(mid);
-        S.outbox.push({ mid, to: peer, device, envelope, ref: entry.key });
-      }
-    } catch (e) {
-      entry.state = 'failed';
-      entry.error = e.message;
-      if (e instanceof KeyProblem) alertBar(e.message, e.kind);
-    }
-    await persist();
-  });
-  render();
+  S.pending.push({ peer, ref: entry.key });
+  await serial(persist);
+  await drainPending();
   flushOutbox();
 }
 
-/// Encrypts to one device of `peer`, after checking its keys against the directory.
+const transient = (e) => !conn?.ready || ['disconnected', 'no answer from the server'].includes(e.message);
+
+/// Encrypts the pending texts (one at a time, in order) while the connection is up; a lost
+/// connection leaves the rest pending for the next login.
+async function drainPending() {
+  await serial(async () => {
+    while (S.pending.length && conn?.ready) {
+      const item = S.pending[0];
+      const entry = (S.messages[item.peer] ?? []).find((m) => m.key === item.ref);
+      try {
+        if (entry) await encryptText(item.peer, entry);
+      } catch (e) {
+        if (transient(e)) break;
+        if (entry) { entry.state = 'failed'; entry.error = e.message; }
+        if (e instanceof KeyProblem) alertBar(e.message, e.kind);
+      }
+      S.pending.shift();
+      await persist();
+    }
+  });
+  render();
+}
+
+/// Encrypts a text to every device of `peer` (payload version 2) and queues the envelopes.
+async function encryptText(peer, entry) {
+  if (S.warnings[peer]) {
+    throw new KeyProblem('changed', `Not sent: ${peer}'s key changed. Compare the safety number and accept the new key first.`);
+  }
+  const bundle = await conn.request((id) => wire.fetchBundle(id, peer), (f, id) => f.type === 'Bundle' && f.requestId === id);
+  if (!bundle.devices.length) throw new Error(`${peer} has no devices`);
+  const envelopes = [];
+  for (const d of bundle.devices) {
+    const key = `${peer}.${d.deviceId}`;
+    const counter = S.counters.out[key] ?? 1;
+    const payload = () => wire.textPayload(counter, entry.time, S.latestHead, entry.text);
+    envelopes.push([d.deviceId, await encryptTo(peer, d, payload)]);
+    S.counters.out[key] = counter + 1;
+  }
+  for (const [device, envelope] of envelopes) {
+    const mid = wire.toHex(random16());
+    entry.ids.push(mid);
+    S.outbox.push({ mid, to: peer, device, envelope, ref: entry.key });
+  }
+}
+
+/// Encrypts `payload()` to one device of `peer`, after checking its keys against the directory.
 async function encryptTo(peer, device, payload) {
   const key = `${peer}.${device.deviceId}`;
   const leaf = await verifiedLeaf(peer, device.deviceId);
@@ -279,7 +328,8 @@ async function encryptTo(peer, device, payload) {
     session = core.sessionInitiate(keysH, bundle);
   }
   try {
-    const message = core.sessionEncrypt(session, payload);
+    // Built after the directory checks, so it carries the head those checks accepted.
+    const message = core.sessionEncrypt(session, payload());
     S.sessions[key] = core.sessionEncode(session);
     return wire.ratchetEnvelope(message);
   } finally {
@@ -331,7 +381,7 @@ async function deliver(f) {
   if (f.seq > S.lastSeq && !S.seen.includes(origin)) {
     try {
       const plaintext = await decrypt(f.fromUser, f.fromDevice, wire.decodeEnvelope(f.envelope));
-      if (plaintext) handlePayload(f, wire.decodePayload(plaintext));
+      if (plaintext) await handlePayload(f, wire.decodePayload(plaintext));
     } catch (e) {
       addMessage(f.fromUser, { key: origin, dir: 'system', text: `A message from ${f.fromUser} was refused: ${e.message}`, time: now() });
       if (e instanceof KeyProblem) alertBar(e.message, e.kind);
@@ -362,7 +412,10 @@ async function decrypt(from, device, message) {
       S.sessions[key] = core.sessionEncode(session);
       return plaintext;
     } catch (e) {
-      if (e.code === 'replay') return null;
+      if (e.code === 'replay') {
+        raiseAlert('replay', from, device, `A message from ${from} (device ${device}) arrived again (replayed or duplicated); it is not shown twice.`);
+        return null;
+      }
       if (!header) throw new Error(`cannot decrypt (${e.code ?? e.message})`);
     } finally {
       core.free(session);
@@ -376,22 +429,103 @@ async function decrypt(from, device, message) {
   return plaintext;
 }
 
-function handlePayload(f, payload) {
+async function handlePayload(f, payload) {
   if (payload.type === 'text') {
+    if (!checkCounter(f.fromUser, f.fromDevice, payload.counter ?? 0)) return;
     addMessage(f.fromUser, {
       key: wire.toHex(f.messageId), dir: 'in', text: payload.text, time: payload.sentAt, fromDevice: f.fromDevice,
-      mid: wire.toHex(f.messageId), read: false,
+      mid: wire.toHex(f.messageId), read: false, counter: payload.counter ?? 0,
     });
     if (f.fromDevice >= wire.WEB_DEVICE_MIN) {
       queueReceipt(f.fromUser, f.fromDevice, 1, [f.messageId]);
       if (current === f.fromUser && document.visibilityState === 'visible') markRead(f.fromUser);
     }
+    if (payload.head) await checkGossipedHead(f.fromUser, f.fromDevice, payload.head);
   } else {
     const ids = new Set(payload.ids.map(wire.toHex));
     for (const entry of S.messages[f.fromUser] ?? []) {
       if (entry.dir === 'out' && entry.ids?.some((id) => ids.has(id))) raise(entry, payload.kind === 2 ? 'read' : 'delivered');
     }
   }
+}
+
+// ---- what the server cannot hide: counters and tree-head gossip (PROTOCOL.md §12) ----
+
+/// Checks the counter of a text from `from`'s `device`; false for a replay (not shown).
+function checkCounter(from, device, counter) {
+  if (!counter) return true; // payload version 1: no counter
+  const key = `${from}.${device}`;
+  const seen = (S.counters.in[key] ??= { highest: 0, missing: [] });
+  if (counter > seen.highest) {
+    if (counter > seen.highest + 1) {
+      const first = seen.highest + 1;
+      const last = counter - 1;
+      for (let c = Math.max(first, last - MISSING_CAP + 1); c <= last; c++) seen.missing.push(c);
+      if (seen.missing.length > MISSING_CAP) seen.missing.splice(0, seen.missing.length - MISSING_CAP);
+      raiseAlert('gap', from, device, `Messages ${first}..=${last} from ${from} (device ${device}) are missing: dropped by the server, or late.`);
+    }
+    seen.highest = counter;
+    return true;
+  }
+  const i = seen.missing.indexOf(counter);
+  if (i >= 0) {
+    seen.missing.splice(i, 1);
+    raiseAlert('reordered', from, device, `Message ${counter} from ${from} (device ${device}) arrived late, out of order.`);
+    return true;
+  }
+  raiseAlert('replay', from, device, `Message ${counter} from ${from} (device ${device}) arrived again (replayed); it is not shown twice.`);
+  return false;
+}
+
+/// Checks a tree head `from` put inside a message against this browser's own view of the key
+/// directory: it must be consistent with every head accepted here. A contradiction, or a head
+/// larger than the latest the server shows this browser, is a split view.
+async function checkGossipedHead(from, device, head) {
+  const split = (why) => raiseAlert('split-view', from, device,
+    `SPLIT VIEW: ${why}. The server shows different key directories to different users; do not trust new keys until this is resolved.`);
+  if (head.length !== wire.HEAD_BYTES) { split(`${from} sent an unreadable tree head`); return; }
+  const id = wire.headId(head);
+  if (S.checkedHeads.includes(id)) return;
+  S.checkedHeads.push(id);
+  if (S.checkedHeads.length > CHECKED_HEADS_CAP) S.checkedHeads.splice(0, S.checkedHeads.length - CHECKED_HEADS_CAP);
+  // The signature first, in a verifier of its own (trust on first use checks only that).
+  const alone = core.directoryNew(directoryKey);
+  try {
+    core.directoryAcceptHead(alone, head, new Uint8Array(), now());
+  } catch (e) {
+    if (e.code === 'stale' || e.code === 'from-the-future') return; // too old (or new) to compare
+    split(`the key directory head ${from} saw is not signed by the directory key (${e.code ?? e.message})`);
+    return;
+  } finally {
+    core.free(alone);
+  }
+  const size = wire.headSize(head);
+  for (let i = 0; i < 3; i++) {
+    const latest = await refreshHead();
+    if (size > wire.headSize(latest)) {
+      split(`${from} saw a key directory of ${size} entries, but the server shows this browser only ${wire.headSize(latest)}`);
+      return;
+    }
+    const f = await conn.request((rid) => wire.getTreeHead(rid, size), (g, rid) => g.type === 'TreeHead' && g.requestId === rid);
+    if (wire.headId(f.head) !== wire.headId(latest)) continue; // the log grew in between
+    const copy = core.directoryFromBytes(core.directoryToBytes(dirH));
+    try {
+      core.directoryAcceptHead(copy, head, f.proof, now());
+    } catch (e) {
+      core.free(copy);
+      split(`the key directory ${from} saw (size ${size}) contradicts the one this browser sees (size ${wire.headSize(latest)}): ${e.code ?? e.message}`);
+      return;
+    }
+    core.free(dirH);
+    dirH = copy;
+    return;
+  }
+}
+
+/// Records an alert about what a peer's messages revealed, in the conversation and on top.
+function raiseAlert(kind, from, device, text) {
+  addMessage(from, { key: wire.toHex(random16()), dir: 'system', alert: kind, text, time: now() });
+  alertBar(text, kind);
 }
 
 /// Encrypts a receipt over the existing session (web devices only) and queues it.
@@ -470,11 +604,16 @@ async function acceptKeyChange(peer) {
 
 // ---- rendering ----
 
+/// Shows an alert above the conversation (the newest few stay until dismissed).
 function alertBar(text, kind) {
+  root.dataset.keyAlert = kind;
   const bar = $('#alerts');
   if (!bar) return;
-  bar.replaceChildren(h('p', { class: 'alert', role: 'alert', dataset: { alert: kind } }, text));
-  root.dataset.keyAlert = kind;
+  const item = h('div', { class: 'alert', role: 'alert', dataset: { alert: kind } },
+    h('span', {}, text),
+    h('button', { type: 'button', class: 'dismiss', 'aria-label': 'Dismiss this alert', onclick: () => item.remove() }, 'Dismiss'));
+  bar.append(item);
+  while (bar.children.length > ALERTS_SHOWN) bar.firstElementChild.remove();
 }
 
 function showMain() {
@@ -539,6 +678,8 @@ function renderWarning() {
   const box = $('#key-warning');
   if (!box) return;
   const w = current && S.warnings[current];
+  const send = $('#send');
+  if (send) send.disabled = !!w;
   box.replaceChildren(w ? h('div', { class: 'alert key-change', role: 'alert', dataset: { alert: 'changed' } },
     h('strong', {}, `${current}'s key has changed. `),
     'Messages stay blocked until you compare the safety number. ',
@@ -555,7 +696,7 @@ function render() {
   const ol = $('#messages');
   if (ol && current) {
     ol.replaceChildren(...(S.messages[current] ?? []).map((m) => h('li', {
-      class: `msg ${m.dir}`, dataset: { id: m.key, dir: m.dir, state: m.state ?? '' },
+      class: `msg ${m.dir}`, dataset: { id: m.key, dir: m.dir, state: m.state ?? '', alert: m.alert ?? null },
     }, h('span', { class: 'text' }, m.text), h('span', { class: 'meta' },
       new Date(m.time * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }),
       m.dir === 'out' ? ` · ${m.state}${m.error ? `: ${m.error}` : ''}` : ''))));

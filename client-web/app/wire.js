@@ -132,6 +132,11 @@ export function decodeServer(bytes) {
 
 /// Size of the tree a signed head (docs/PROTOCOL.md §13) is for.
 export const headSize = (head) => new Reader(head.subarray(1, 9)).u64();
+/// Signing time (Unix seconds) of a signed head.
+export const headTime = (head) => new Reader(head.subarray(9, 17)).u64();
+/// Size and root of a signed head as one hex string (what identifies the tree it commits to).
+export const headId = (head) => toHex(head.subarray(1, 9)) + toHex(head.subarray(17, 49));
+export const HEAD_BYTES = 121;
 
 // ---- directory leaf (§10) ----
 
@@ -162,13 +167,20 @@ export function decodeEnvelope(bytes) {
 }
 
 // ---- payloads inside the encryption ----
-// 1: text  [1][sent_at u64][text str]   (the native client's TextMessage, version 1: written here)
-// 2: text  [2][counter u64][sent_at u64][opt<bytes> head][text str]  (PROTOCOL.md §12, read here)
+// 1: text  [1][sent_at u64][text str]   (the native client's TextMessage, version 1: read only)
+// 2: text  [2][counter u64][sent_at u64][opt<bytes<=512> head][text str]  (PROTOCOL.md §12,
+//    "Message content": written here, like the native client)
 // 0x80: receipt [0x80][kind u8: 1 delivered, 2 read][count u32][count × message id (16)]
 //    sent only to web devices (device id >= 2^31), which understand it.
 
 export const WEB_DEVICE_MIN = 0x80000000;
-export const textPayload = (sentAt, text) => new Writer().u8(1).u64(sentAt).str(text).done();
+/// Version 2: `counter` from 1 per (sender device, recipient device); `head` the sender's latest
+/// accepted signed tree head (or null).
+export function textPayload(counter, sentAt, head, text) {
+  const w = new Writer().u8(2).u64(counter).u64(sentAt);
+  if (head) w.u8(1).bytes(head); else w.u8(0);
+  return w.str(text).done();
+}
 export function receiptPayload(kind, ids) {
   const w = new Writer().u8(0x80).u8(kind).u32(ids.length);
   for (const id of ids) w.fixed(id, 16);
