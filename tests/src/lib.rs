@@ -14,6 +14,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use chatctl::client::{Client, ClientOptions};
 use tempfile::TempDir;
 
+pub mod browser;
+
 /// Paths of the binaries under test.
 #[derive(Debug)]
 pub struct Binaries {
@@ -22,7 +24,8 @@ pub struct Binaries {
     pub chatctl: PathBuf,
 }
 
-fn workspace_root() -> PathBuf {
+/// The workspace root (the parent of `tests/`).
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
