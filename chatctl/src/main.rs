@@ -22,6 +22,7 @@ use clap::{Parser, Subcommand};
         chatctl keys init           create the release, directory, TLS and data-at-rest keys\n  \
         chatctl sign --version 1.0.0 DIR   sign a client bundle (minisign-compatible)\n  \
         chatctl verify DIR          check a signed bundle as a client would\n  \
+        chatctl verify-site URL --pubkey release.pub   check a deployed site the same way\n  \
         chatctl up --replicas 3     a local cluster in Docker (ps, logs, scale, down)\n\n\
         Run `chatctl <command> --help` for examples."
 )]
@@ -39,6 +40,9 @@ enum Command {
     Sign(cmd::release::SignArgs),
     /// Verify a signed bundle directory: signature, expiry, version and every file.
     Verify(cmd::release::VerifyArgs),
+    /// Fetch a deployed browser client as a browser would and check the loader hash, the
+    /// manifest signature and every file (exit 1 naming the file and the reason).
+    VerifySite(cmd::verify_site::VerifySiteArgs),
     /// Chat from the command line (native end-to-end encrypted client), for scripts and tests.
     Chat(cmd::chat::ChatArgs),
     /// Load a running server with real clients and measure throughput and latency.
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => cmd::keys::run(cmd),
         Command::Sign(args) => cmd::release::run_sign(args),
         Command::Verify(args) => cmd::release::run_verify(args),
+        Command::VerifySite(args) => cmd::verify_site::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Bundle(args) => cmd::bundle::run(args),

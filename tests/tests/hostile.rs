@@ -1,15 +1,24 @@
-//! Every attack of `docs/THREAT_MODEL.md` mounted by the real test-only `chat-server-hostile`
-//! binary against real native clients, and what the clients do about it: refuse, or report an
-//! alert and keep working. One test per attack; each names the mode it starts the server in.
+//! Every attack of `docs/THREAT_MODEL.md` mounted by a real server against real clients, and
+//! what the clients do about it: refuse, or report an alert and keep working. One test per
+//! attack (each row of the threat model names its tests): the test-only `chat-server-hostile`
+//! binary in the mode each test names against native clients, and an attacker-prepared bundle
+//! directory served to headless Chromium (`chat_tests::browser`) and to `chatctl verify-site`.
+//! A missing Chromium fails the browser tests; they never skip.
 
+use std::path::Path;
 use std::time::Duration;
 
+use chat_core::identity::DeviceKeys;
 use chat_core::ratchet::Session;
-use chat_core::wire::Envelope;
-use chat_tests::{ServerProcess, World, dir_contains};
+use chat_core::wire::{ClientFrame, Envelope, ErrorCode, ServerFrame};
+use chat_tests::browser::{Browser, Site, append, sign, verdict_in_fresh_profile};
+use chat_tests::{Keys, ServerProcess, World, dir_contains};
+use chatctl::client::conn::Connection;
 use chatctl::client::{AlertKind, Client, Received};
 
 const IDLE: Duration = Duration::from_millis(800);
+/// How long one answer from the server may take.
+const WAIT: Duration = Duration::from_secs(5);
 
 fn texts(got: &[Received]) -> Vec<&str> {
     got.iter().map(|m| m.text.as_str()).collect()
@@ -381,4 +390,315 @@ async fn audit_reports_a_split_view_from_a_clients_heads() {
     let (ok, out) = audit(&world.server, state.path(), &[client_state(&world, "bob")]);
     assert!(!ok, "the audit must fail: {out}");
     assert!(out.contains("split view") && out.contains("bob"), "{out}");
+}
+
+// Row 12: a login proof recorded on the wire (or by a server), replayed on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_login_proof_replayed_on_a_new_connection_is_refused() {
+    let world = World::new().expect("world");
+    world
+        .register("alice")
+        .await
+        .expect("alice")
+        .conn
+        .close()
+        .await;
+    let keys = std::fs::read(world.work.path().join("clients/alice/device.key")).expect("keys");
+    let keys = DeviceKeys::decode(&keys).expect("decode");
+    let login = ClientFrame::Login {
+        username: "alice".into(),
+        device_id: 1,
+    };
+    let (url, ca) = (world.server.url(), world.server.ca());
+    let connect = || Connection::connect(&url, &ca);
+    // A genuine login, whose proof the attacker records.
+    let mut genuine = connect().await.expect("connect");
+    genuine.send(&login).await.expect("login");
+    let ServerFrame::Challenge { nonce } = genuine.next_frame(WAIT).await.expect("challenge")
+    else {
+        panic!("expected a challenge");
+    };
+    let recorded = keys.identity().sign_login(&nonce, "alice", 1);
+    genuine
+        .send(&ClientFrame::LoginProof {
+            signature: recorded,
+        })
+        .await
+        .expect("proof");
+    assert!(matches!(
+        genuine.next_frame(WAIT).await,
+        Ok(ServerFrame::Welcome { .. })
+    ));
+    // The replay gets a fresh challenge, which the recorded proof does not sign.
+    let mut replay = connect().await.expect("connect");
+    replay.send(&login).await.expect("login");
+    assert!(matches!(
+        replay.next_frame(WAIT).await,
+        Ok(ServerFrame::Challenge { .. })
+    ));
+    replay
+        .send(&ClientFrame::LoginProof {
+            signature: recorded,
+        })
+        .await
+        .expect("replayed proof");
+    assert!(
+        matches!(
+            replay.next_frame(WAIT).await,
+            Ok(ServerFrame::Error {
+                code: ErrorCode::BadSignature,
+                ..
+            })
+        ),
+        "the replayed proof must be refused"
+    );
+}
+
+// ---- row 11: the client code served to browsers ----
+//
+// The server is the attacker: it serves whatever bytes it likes, so these tests hand the real
+// `chat-server` an attacker-prepared bundle directory (`--bundle`), changed between page loads.
+// The loader in headless Chromium must refuse with the right `data-bundle-error` and run none of
+// the app; `chatctl verify-site` must refuse the same deployment from outside the browser.
+
+/// The loader's verdict on `site` in a fresh browser profile, asserting that no app code ran.
+async fn refused_by_the_loader(site: &Site, profile: &str) -> String {
+    let (verdict, started) = verdict_in_fresh_profile(site, profile)
+        .await
+        .expect("chromium loads the page");
+    assert!(!started, "app code ran although the loader said {verdict}");
+    verdict
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_refuses_a_tampered_bundle_and_runs_no_app_code() {
+    let site = Site::new(None).expect("site");
+    append(
+        &site.bundle().join("app/main.js"),
+        b"\nfetch('/steal?' + document.cookie);\n",
+    )
+    .expect("tamper");
+    assert_eq!(
+        refused_by_the_loader(&site, "tampered").await,
+        "rejected:file-mismatch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_refuses_a_bundle_signed_by_a_foreign_key() {
+    let site = Site::new(None).expect("site");
+    let attacker = Keys::new().expect("attacker keys");
+    sign(attacker.path(), &site.bundle(), "9.0.0", "30d").expect("sign");
+    assert_eq!(
+        refused_by_the_loader(&site, "foreign").await,
+        "rejected:unknown-key"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_refuses_an_expired_bundle() {
+    let site = Site::new(None).expect("site");
+    sign(site.keys.path(), &site.bundle(), "1.0.0", "1s").expect("sign");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        refused_by_the_loader(&site, "expired").await,
+        "rejected:expired"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_refuses_an_older_bundle_after_it_ran_a_newer_one() {
+    let site = Site::new(None).expect("site");
+    let old = site.work.path().join("old-release");
+    copy_dir(&site.bundle(), &old);
+    sign(site.keys.path(), &site.bundle(), "2.0.0", "30d").expect("sign 2.0.0");
+    let browser = Browser::launch(&site.profile("rollback"))
+        .await
+        .expect("chromium");
+    let page = browser.page().await.expect("page");
+    page.goto(&site.server.url()).await.expect("goto");
+    assert_eq!(page.verdict().await.expect("verdict"), "verified");
+    // The server swaps in the old release (validly signed 1.0.0, not expired).
+    std::fs::remove_dir_all(site.bundle()).expect("remove");
+    std::fs::rename(&old, site.bundle()).expect("swap in the old release");
+    page.goto("about:blank").await.expect("blank");
+    page.goto(&site.server.url()).await.expect("goto again");
+    assert_eq!(page.verdict().await.expect("verdict"), "rejected:rollback");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!page.app_started().await.expect("marker"), "app code ran");
+}
+
+// Row 1b: key substitution against the browser app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_refuses_contact_keys_that_differ_from_the_directory() {
+    let site = Site::new(Some("substitute-bundle")).expect("site");
+    let bob_browser = Browser::launch(&site.profile("bob"))
+        .await
+        .expect("chromium");
+    let bob = bob_browser.page().await.expect("page");
+    bob.goto(&site.server.url()).await.expect("goto");
+    bob.register("bob").await.expect("register bob");
+    let alice_browser = Browser::launch(&site.profile("alice"))
+        .await
+        .expect("chromium");
+    let alice = alice_browser.page().await.expect("page");
+    alice.goto(&site.server.url()).await.expect("goto");
+    alice.register("alice").await.expect("register alice");
+    alice.open_conversation("bob").await.expect("open");
+    alice.send("for bob only").await.expect("send");
+    assert_eq!(
+        alice
+            .wait_state("for bob only", &["failed"])
+            .await
+            .expect("refused"),
+        "failed"
+    );
+    let alert = alice
+        .wait_for("document.querySelector('[data-alert=mismatch]')?.textContent")
+        .await
+        .expect("the UI shows the verification failure");
+    assert!(
+        alert
+            .as_str()
+            .unwrap_or_default()
+            .contains("differ from the key directory"),
+        "{alert}"
+    );
+}
+
+// ---- row 11 from outside the browser: `chatctl verify-site` ----
+
+fn copy_dir(from: &Path, to: &Path) {
+    for file in chat_tests::files_under(from) {
+        let dest = to.join(file.strip_prefix(from).expect("under"));
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(&file, &dest).expect("copy");
+    }
+}
+
+/// `chatctl verify-site` against `site` with its release key; (exit 0, stdout + stderr).
+fn verify_site(site: &Site, extra: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(&chat_tests::binaries().chatctl)
+        .arg("verify-site")
+        .arg(site.server.url())
+        .arg("--pubkey")
+        .arg(site.keys.path().join("release.pub"))
+        .args(extra)
+        .output()
+        .expect("run chatctl verify-site");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The `loader.js sha256` that `chatctl bundle` prints for the site's bundle.
+fn loader_sha256(site: &Site) -> String {
+    let bytes = std::fs::read(site.bundle().join("loader.js")).expect("loader.js");
+    chat_signing::manifest::FileDigest::of_bytes(&bytes).sha256
+}
+
+/// Asserts a refusal with exit status 1 that names `what` and the reason `code`.
+fn assert_refused(site: &Site, extra: &[&str], what: &str, code: &str) {
+    let (ok, out) = verify_site(site, extra);
+    eprintln!("verify-site {extra:?}: {out}");
+    assert!(!ok, "verify-site must refuse: {out}");
+    assert!(
+        out.contains("refused") && out.contains(what) && out.contains(&format!("[{code}]")),
+        "expected a refusal naming {what} [{code}]: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_site_accepts_an_honest_deployment_and_pins_the_loader() {
+    let site = Site::new(None).expect("site");
+    let loader = loader_sha256(&site);
+    let (ok, out) = verify_site(
+        &site,
+        &["--loader-sha256", &loader, "--min-version", "1.0.0"],
+    );
+    eprintln!("{out}");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("chatapp-web 1.0.0")
+            && out.contains(&format!(
+                "loader loader.js sha256 {loader} (matches --loader-sha256)"
+            ))
+            && out.contains("every size and SHA-256 as signed"),
+        "{out}"
+    );
+    let (ok, out) = verify_site(&site, &["--json"]);
+    assert!(ok && out.contains("\"loader_pinned\":false"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_site_refuses_every_tampered_deployment_naming_the_file_and_reason() {
+    let site = Site::new(None).expect("site");
+    let loader = loader_sha256(&site);
+    let pristine = site.work.path().join("pristine");
+    copy_dir(&site.bundle(), &pristine);
+    let restore = || {
+        std::fs::remove_dir_all(site.bundle()).expect("remove");
+        copy_dir(&pristine, &site.bundle());
+    };
+
+    // A changed app file.
+    append(&site.bundle().join("app/main.js"), b"\n/* owned */\n").expect("tamper");
+    assert_refused(&site, &[], "app/main.js", "file-mismatch");
+    restore();
+
+    // A changed loader that the attacker also lists in a manifest signed by its own key.
+    append(&site.bundle().join("loader.js"), b"\n/* owned */\n").expect("tamper");
+    let attacker = Keys::new().expect("attacker keys");
+    sign(attacker.path(), &site.bundle(), "1.0.0", "30d").expect("sign");
+    assert_refused(&site, &[], "manifest.json.minisig", "unknown-key");
+    restore();
+
+    // A loader changed and validly signed (a compromised build): only the pin catches it.
+    append(&site.bundle().join("loader.js"), b"\n/* rebuilt */\n").expect("tamper");
+    sign(site.keys.path(), &site.bundle(), "1.0.1", "30d").expect("sign");
+    assert_refused(
+        &site,
+        &["--loader-sha256", &loader],
+        "loader.js",
+        "loader-mismatch",
+    );
+    restore();
+
+    // An expired release.
+    sign(site.keys.path(), &site.bundle(), "1.0.0", "1s").expect("sign");
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_refused(&site, &[], "manifest.json", "expired");
+    restore();
+
+    // An older release than the one the operator saw.
+    assert_refused(
+        &site,
+        &["--min-version", "2.0.0"],
+        "manifest.json",
+        "rollback",
+    );
+
+    // The page references a file the manifest does not list.
+    let index = site.bundle().join("index.html");
+    let html = std::fs::read_to_string(&index).expect("read");
+    std::fs::write(
+        &index,
+        html.replace("</head>", "<script src=\"extra.js\"></script>\n</head>"),
+    )
+    .expect("write");
+    sign(site.keys.path(), &site.bundle(), "1.0.0", "30d").expect("sign");
+    std::fs::write(site.bundle().join("extra.js"), "alert(1)").expect("extra");
+    assert_refused(&site, &[], "extra.js", "unlisted-file");
+    restore();
+
+    // A listed file the server no longer serves.
+    std::fs::remove_file(site.bundle().join("app/app.css")).expect("remove");
+    assert_refused(&site, &[], "app/app.css", "missing-file");
+    restore();
+
+    let (ok, out) = verify_site(&site, &["--loader-sha256", &loader]);
+    assert!(ok, "the restored deployment verifies again: {out}");
 }

@@ -14,3 +14,4 @@ pub mod status;
 pub mod supervise;
 pub mod top;
 pub mod up;
+pub mod verify_site;
