@@ -570,7 +570,7 @@ async function showSafety(peer) {
   body.replaceChildren(h('p', {}, 'Checking the key directory…'));
   dialog.showModal();
   try {
-    const leaf = await serial(() => verifiedLeaf(peer, deviceOf(peer)));
+    const leaf = await serial(async () => verifiedLeaf(peer, deviceOf(peer) ?? await firstDevice(peer)));
     const { digits, qr } = core.safetyNumber(core.keysIdentity(keysH), S.username, leaf.identity, peer);
     const groups = digits.match(/.{5}/g).join(' ');
     const warning = S.warnings[peer];
@@ -585,10 +585,18 @@ async function showSafety(peer) {
   }
 }
 
+/// The device of `peer` whose key was seen (or changed); null before any was.
 function deviceOf(peer) {
   const pinned = Object.keys(S.pins).find((k) => k.startsWith(`${peer}.`));
   if (S.warnings[peer]) return S.warnings[peer].device;
-  return pinned ? Number(pinned.slice(peer.length + 1)) : 1;
+  return pinned ? Number(pinned.slice(peer.length + 1)) : null;
+}
+
+/// The first device the server lists for `peer` (its keys are then checked like any other).
+async function firstDevice(peer) {
+  const bundle = await conn.request((id) => wire.fetchBundle(id, peer), (f, id) => f.type === 'Bundle' && f.requestId === id);
+  if (!bundle.devices.length) throw new Error(`${peer} has no devices`);
+  return bundle.devices[0].deviceId;
 }
 
 async function acceptKeyChange(peer) {

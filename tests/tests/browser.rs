@@ -408,3 +408,635 @@ async fn benchmark_verified_navigation_against_unverified_and_ratchet_throughput
         std::fs::write(&path, text).expect("write BENCHMARKS.md");
     }
 }
+
+// ---- message format version 2, alerts, safety numbers, key changes, reconnects, unlock,
+// keyboard and phone width ----
+
+use chat_tests::browser::Page;
+
+/// Registers `name` in a new profile of `site` and returns the browser, its app closed.
+async fn registered(site: &Site, name: &str) -> Browser {
+    let browser = Browser::launch(&site.profile(name))
+        .await
+        .expect("chromium");
+    let page = browser.page().await.expect("page");
+    page.goto(&site.server.url()).await.expect("goto");
+    assert_eq!(page.verdict().await.expect("verdict"), "verified");
+    page.register(name).await.expect("register");
+    // Leave the app, so that later tabs of this profile are the only ones running it.
+    page.goto("about:blank").await.expect("leave");
+    drop(page);
+    browser
+}
+
+/// The `data-alert` kinds of the alerts `page` shows above its conversation, oldest first.
+async fn alert_kinds(page: &Page<'_>) -> Vec<String> {
+    let v = page
+        .eval("[...document.querySelectorAll('#alerts [data-alert]')].map(e => e.dataset.alert)")
+        .await
+        .expect("alerts");
+    serde_json::from_value(v).expect("alert list")
+}
+
+/// The texts of the incoming messages `page` shows, in order.
+async fn incoming_texts(page: &Page<'_>) -> Vec<String> {
+    let v = page
+        .eval("[...document.querySelectorAll('#messages li.in .text')].map(e => e.textContent)")
+        .await
+        .expect("texts");
+    serde_json::from_value(v).expect("text list")
+}
+
+/// Bob, then Alice register; Alice sends "one", "two", "three" to Bob while his app is closed.
+/// Returns both browsers.
+async fn three_messages_through(site: &Site) -> (Browser, Browser) {
+    let bob_browser = registered(site, "bob").await;
+    let alice_browser = registered(site, "alice").await;
+    {
+        let alice = alice_browser.page().await.expect("page");
+        alice.goto(&site.server.url()).await.expect("goto");
+        alice.wait_logged_in().await.expect("login");
+        alice.open_conversation("bob").await.expect("open");
+        for text in ["one", "two", "three"] {
+            alice.send(text).await.expect("send");
+            alice
+                .wait_state(text, &["sent", "delivered", "read"])
+                .await
+                .expect("sent");
+        }
+    }
+    (alice_browser, bob_browser)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_server_dropped_shows_a_gap_alert_in_the_browser() {
+    let site = Site::new(Some("drop-envelope")).expect("site");
+    let (_alice, bob_browser) = three_messages_through(&site).await;
+    let bob = bob_browser.page().await.expect("page");
+    bob.goto(&site.server.url()).await.expect("goto");
+    bob.wait_logged_in().await.expect("login");
+    bob.open_conversation("alice").await.expect("open");
+    bob.wait_incoming("three").await.expect("three arrives");
+    bob.wait_for("document.querySelector('#alerts [data-alert=gap]')")
+        .await
+        .expect("gap alert");
+    assert_eq!(incoming_texts(&bob).await, vec!["one", "three"]);
+    assert_eq!(alert_kinds(&bob).await, vec!["gap"]);
+    let text = bob
+        .eval("document.querySelector('#alerts [data-alert=gap]').textContent")
+        .await
+        .expect("text");
+    assert!(
+        text.as_str().unwrap_or_default().contains("2..=2"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_server_replayed_is_reported_and_shown_once() {
+    let site = Site::new(Some("replay-envelope")).expect("site");
+    let (_alice, bob_browser) = three_messages_through(&site).await;
+    let bob = bob_browser.page().await.expect("page");
+    bob.goto(&site.server.url()).await.expect("goto");
+    bob.wait_logged_in().await.expect("login");
+    bob.open_conversation("alice").await.expect("open");
+    bob.wait_incoming("three").await.expect("three arrives");
+    bob.wait_for("document.querySelector('#alerts [data-alert=replay]')")
+        .await
+        .expect("replay alert");
+    assert_eq!(incoming_texts(&bob).await, vec!["one", "two", "three"]);
+    assert_eq!(alert_kinds(&bob).await, vec!["replay"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_view_is_caught_by_the_tree_head_inside_a_message() {
+    // The first registered user (alice) sees the honest log, bob one with a ghost leaf.
+    let site = Site::new(Some("split-view")).expect("site");
+    let alice_browser = registered(&site, "alice").await;
+    let bob_browser = registered(&site, "bob").await;
+    let alice = alice_browser.page().await.expect("page");
+    alice.goto(&site.server.url()).await.expect("goto");
+    alice.wait_logged_in().await.expect("login");
+    alice.open_conversation("bob").await.expect("open");
+    alice.send("which log do you see?").await.expect("send");
+    alice
+        .wait_state("which log do you see?", &["sent", "delivered", "read"])
+        .await
+        .expect("sent");
+    let bob = bob_browser.page().await.expect("page");
+    bob.goto(&site.server.url()).await.expect("goto");
+    bob.wait_logged_in().await.expect("login");
+    bob.open_conversation("alice").await.expect("open");
+    bob.wait_incoming("which log do you see?")
+        .await
+        .expect("arrives");
+    let alert = bob
+        .wait_for("document.querySelector('#alerts [data-alert=split-view]')?.textContent")
+        .await
+        .expect("split-view alert");
+    assert!(
+        alert.as_str().unwrap_or_default().contains("SPLIT VIEW"),
+        "{alert}"
+    );
+    bob.screenshot(&out_dir("browser-screenshots").join("split-view.png"))
+        .await
+        .expect("screenshot");
+}
+
+/// Runs `chatctl chat ARGS` against `site` with the native client's home in `home`.
+fn native_chat(site: &Site, home: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let server = format!("http://127.0.0.1:{}", site.server.port);
+    let dir_key = site.keys.path().join("directory.pub").display().to_string();
+    let home = home.display().to_string();
+    let mut all = vec![
+        "chat",
+        "--server",
+        &server,
+        "--directory-key",
+        &dir_key,
+        "--home",
+        &home,
+    ];
+    all.extend(args);
+    chatctl(&all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_and_native_client_exchange_version_2_messages_with_counters_and_no_alerts() {
+    let site = Site::new(None).expect("site");
+    let home = site.work.path().join("native");
+    native_chat(&site, &home, &["register", "nate"]).expect("native register");
+    let browser = registered(&site, "webby").await;
+    let page = browser.page().await.expect("page");
+    page.goto(&site.server.url()).await.expect("goto");
+    page.wait_logged_in().await.expect("login");
+    page.open_conversation("nate").await.expect("open");
+    for text in ["first from the browser", "second from the browser"] {
+        page.send(text).await.expect("send");
+        page.wait_state(text, &["sent"]).await.expect("sent");
+    }
+    let got = native_chat(&site, &home, &["recv", "--as", "nate", "--json"]).expect("recv");
+    let counters: Vec<u64> = got
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .map(|m| m["counter"].as_u64().expect("counter"))
+        .collect();
+    assert_eq!(counters, vec![1, 2], "the browser writes counters: {got}");
+    for text in ["one from the terminal", "two from the terminal"] {
+        native_chat(&site, &home, &["send", "--as", "nate", "webby", text]).expect("send");
+    }
+    page.wait_incoming("two from the terminal")
+        .await
+        .expect("browser receives");
+    // The native client's head (inside its messages) agrees with the browser's directory view.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(alert_kinds(&page).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_profiles_show_the_same_sixty_digit_safety_number_and_a_qr_code() {
+    let site = Site::new(None).expect("site");
+    let alice_browser = registered(&site, "alice").await;
+    let bob_browser = registered(&site, "bob").await;
+    let mut numbers = Vec::new();
+    for (browser, peer) in [(&alice_browser, "bob"), (&bob_browser, "alice")] {
+        let page = browser.page().await.expect("page");
+        page.goto(&site.server.url()).await.expect("goto");
+        page.wait_logged_in().await.expect("login");
+        page.open_conversation(peer).await.expect("open");
+        page.eval("document.querySelector('#safety-button').click(); true")
+            .await
+            .expect("open safety number");
+        let digits = page
+            .wait_for("document.querySelector('#safety-digits')?.textContent")
+            .await
+            .expect("digits");
+        let digits = digits.as_str().unwrap_or_default().replace(' ', "");
+        assert_eq!(digits.len(), 60, "{digits}");
+        assert!(digits.bytes().all(|b| b.is_ascii_digit()), "{digits}");
+        let qr = page
+            .eval("document.querySelector('#safety svg.qr')?.getAttribute('aria-label')")
+            .await
+            .expect("qr");
+        assert_eq!(qr, json!("QR code of the safety number"));
+        if peer == "bob" {
+            page.screenshot(&out_dir("browser-screenshots").join("safety-number.png"))
+                .await
+                .expect("screenshot");
+        }
+        numbers.push(digits);
+    }
+    assert_eq!(numbers[0], numbers[1], "both sides compute one number");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_re_registering_with_new_keys_blocks_sending_until_the_new_key_is_accepted() {
+    use chat_core::identity::DeviceKeys;
+    use chat_core::wire::{ClientFrame, ErrorScope, ServerFrame, SignedPrekey};
+    use chatctl::client::{Client, ClientOptions};
+
+    let site = Site::new(None).expect("site");
+    let home = site.work.path().join("native");
+    native_chat(&site, &home, &["register", "bob"]).expect("native register");
+    let browser = registered(&site, "alice").await;
+    let page = browser.page().await.expect("page");
+    page.goto(&site.server.url()).await.expect("goto");
+    page.wait_logged_in().await.expect("login");
+    page.open_conversation("bob").await.expect("open");
+    page.send("before the change").await.expect("send");
+    page.wait_state("before the change", &["sent"])
+        .await
+        .expect("sent");
+
+    // Bob's device registers new keys (a logged-in re-registration: a new directory leaf).
+    let opts = ClientOptions {
+        server: format!("http://127.0.0.1:{}", site.server.port),
+        ca: site.keys.path().join("tls/ca.pem"),
+        home: home.clone(),
+        directory_key: site.keys.path().join("directory.pub"),
+    };
+    let mut bob = Client::open(&opts, "bob").await.expect("bob logs in");
+    let keys = DeviceKeys::generate(&mut rand_core::OsRng);
+    let identity = keys.identity().public().encode();
+    let spk = keys.signed_prekey();
+    bob.conn
+        .send(&ClientFrame::Register {
+            username: "bob".into(),
+            device_id: chatctl::client::DEVICE_ID,
+            identity_ed25519: identity[1..33].try_into().expect("ed25519"),
+            identity_x25519: identity[33..65].try_into().expect("x25519"),
+            identity_signature: identity[65..129].try_into().expect("signature"),
+            signed_prekey: SignedPrekey {
+                id: spk.id,
+                public: *spk.key.as_bytes(),
+                signature: spk.signature.to_bytes(),
+            },
+            one_time_prekeys: Vec::new(),
+        })
+        .await
+        .expect("send register");
+    bob.conn
+        .wait_for(
+            |f| matches!(f, ServerFrame::Registered { .. }),
+            |s| *s == ErrorScope::Connection,
+        )
+        .await
+        .expect("new keys registered");
+
+    page.send("after the change").await.expect("send");
+    assert_eq!(
+        page.wait_state("after the change", &["failed", "sent"])
+            .await
+            .expect("state"),
+        "failed",
+        "a message went out under the changed key"
+    );
+    page.wait_for("document.querySelector('#key-warning [data-alert=changed]')")
+        .await
+        .expect("the prominent warning");
+    assert_eq!(
+        page.eval("document.querySelector('#send').disabled")
+            .await
+            .expect("send button"),
+        json!(true),
+        "sending stays blocked"
+    );
+    page.screenshot(&out_dir("browser-screenshots").join("key-change.png"))
+        .await
+        .expect("screenshot");
+    page.send("still blocked").await.expect("send");
+    assert_eq!(
+        page.wait_state("still blocked", &["failed", "sent"])
+            .await
+            .expect("state"),
+        "failed"
+    );
+
+    // Alice compares the safety number and accepts the new key: sending works again.
+    page.eval("document.querySelector('#key-warning button').click(); true")
+        .await
+        .expect("compare");
+    page.wait_for("document.querySelector('#accept-key')")
+        .await
+        .expect("accept button");
+    page.eval("document.querySelector('#accept-key').click(); true")
+        .await
+        .expect("accept");
+    page.wait_for("!document.querySelector('#key-warning [data-alert]') && !document.querySelector('#send').disabled")
+        .await
+        .expect("warning gone");
+    page.send("after accepting").await.expect("send");
+    assert_eq!(
+        page.wait_state("after accepting", &["failed", "sent"])
+            .await
+            .expect("state"),
+        "sent"
+    );
+}
+
+/// A `chat-server` started by the test itself on a fixed port; killed on drop.
+struct FixedPortServer(std::process::Child);
+
+impl FixedPortServer {
+    /// Serves `bundle` with the data in `data` on `127.0.0.1:port` (after a restart).
+    fn start(
+        keys: &std::path::Path,
+        data: &std::path::Path,
+        bundle: &std::path::Path,
+        port: u16,
+        log: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let out = std::fs::File::create(log)?;
+        let mut child = std::process::Command::new(&chat_tests::binaries().chat_server)
+            .args([
+                "serve",
+                "--plain-http",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data",
+            ])
+            .arg(data)
+            .arg("--keys")
+            .arg(keys)
+            .arg("--bundle")
+            .arg(bundle)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(std::process::Stdio::null())
+            .spawn()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains("chat-server listening") {
+                return Ok(Self(child));
+            }
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("chat-server exited with {status}: {text}");
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("chat-server did not start: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for FixedPortServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_written_while_the_server_is_down_arrive_after_the_app_reconnects() {
+    let site = Site::new(None).expect("site");
+    let alice_browser = registered(&site, "alice").await;
+    let bob_browser = registered(&site, "bob").await;
+    let alice = alice_browser.page().await.expect("page");
+    alice.goto(&site.server.url()).await.expect("goto");
+    alice.wait_logged_in().await.expect("login");
+    alice.open_conversation("bob").await.expect("open");
+    let bob = bob_browser.page().await.expect("page");
+    bob.goto(&site.server.url()).await.expect("goto");
+    bob.wait_logged_in().await.expect("login");
+    bob.open_conversation("alice").await.expect("open");
+    alice.send("before the restart").await.expect("send");
+    bob.wait_incoming("before the restart")
+        .await
+        .expect("arrives");
+
+    let (port, data, bundle, keys) = (
+        site.server.port,
+        site.server.data.clone(),
+        site.bundle(),
+        site.keys.path().to_owned(),
+    );
+    let log = site.work.path().join("server-restarted.log");
+    drop(site.server);
+    alice
+        .wait_for("document.querySelector('#conn').textContent.includes('retry in')")
+        .await
+        .expect("alice shows the backoff");
+    alice
+        .send("written while the server was down")
+        .await
+        .expect("send");
+    assert_eq!(
+        alice
+            .wait_state("written while the server was down", &["sending", "failed"])
+            .await
+            .expect("state"),
+        "sending"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _server = FixedPortServer::start(&keys, &data, &bundle, port, &log).expect("restart");
+    bob.wait_incoming("written while the server was down")
+        .await
+        .expect("arrives after the reconnect");
+    alice
+        .wait_state("written while the server was down", &["delivered", "read"])
+        .await
+        .expect("delivered");
+    assert_eq!(alert_kinds(&bob).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passphrase_protected_profile_unlocks_only_with_its_passphrase() {
+    let site = Site::new(None).expect("site");
+    let _bob = registered(&site, "bob").await;
+    let browser = Browser::launch(&site.profile("alice"))
+        .await
+        .expect("chromium");
+    let page = browser.page().await.expect("page");
+    page.goto(&site.server.url()).await.expect("goto");
+    assert_eq!(page.verdict().await.expect("verdict"), "verified");
+    page.wait_for("document.querySelector('#register')")
+        .await
+        .expect("form");
+    page.eval(
+        "document.querySelector('#username').value = 'alice'; \
+         document.querySelector('#passphrase').value = 'correct horse battery'; \
+         document.querySelector('#register').requestSubmit(); true",
+    )
+    .await
+    .expect("register");
+    page.wait_logged_in().await.expect("login");
+    page.open_conversation("bob").await.expect("open");
+    page.send("kept under the passphrase").await.expect("send");
+    page.wait_state("kept under the passphrase", &["sent", "delivered", "read"])
+        .await
+        .expect("sent");
+    // At rest: a salt and no key in IndexedDB, and the state is ciphertext.
+    let at_rest = page
+        .eval(
+            "new Promise((ok, no) => { const r = indexedDB.open('chatapp-app'); r.onerror = no; \
+             r.onsuccess = () => { const s = r.result.transaction('kv').objectStore('kv'); \
+             const m = s.get('meta'), st = s.get('state'); st.onsuccess = () => ok({ \
+             salt: !!m.result.salt, key: !!m.result.key, \
+             plain: new TextDecoder().decode(st.result.sealed).includes('kept under') \
+             || new TextDecoder().decode(st.result.sealed).includes('alice') }); }; })",
+        )
+        .await
+        .expect("read IndexedDB");
+    assert_eq!(
+        at_rest,
+        json!({ "salt": true, "key": false, "plain": false })
+    );
+
+    page.goto("about:blank").await.expect("blank");
+    page.goto(&site.server.url()).await.expect("reload");
+    page.wait_for("document.querySelector('#unlock')")
+        .await
+        .expect("the unlock form");
+    assert_ne!(
+        page.eval("document.documentElement.dataset.login ?? null")
+            .await
+            .expect("login"),
+        json!("ok"),
+        "logged in before the passphrase"
+    );
+    page.eval(
+        "document.querySelector('#passphrase').value = 'wrong horse'; \
+         document.querySelector('#unlock').requestSubmit(); true",
+    )
+    .await
+    .expect("wrong passphrase");
+    let refusal = page
+        .wait_for("document.querySelector('#unlock [role=alert]')?.textContent")
+        .await
+        .expect("refused");
+    assert!(
+        refusal
+            .as_str()
+            .unwrap_or_default()
+            .contains("wrong passphrase"),
+        "{refusal}"
+    );
+    page.eval(
+        "document.querySelector('#passphrase').value = 'correct horse battery'; \
+         document.querySelector('#unlock').requestSubmit(); true",
+    )
+    .await
+    .expect("passphrase");
+    page.wait_logged_in().await.expect("unlocked and logged in");
+    page.open_conversation("bob").await.expect("open");
+    page.wait_state("kept under the passphrase", &["sent", "delivered", "read"])
+        .await
+        .expect("history decrypted");
+}
+
+/// Presses `key` (a DOM key name such as `Tab`, `Enter`, `Escape`) on `page`.
+async fn press(page: &Page<'_>, key: &str) {
+    let (code, text) = match key {
+        "Tab" => (9, ""),
+        "Enter" => (13, "\r"),
+        "Escape" => (27, ""),
+        other => panic!("no key code for {other}"),
+    };
+    let mut down =
+        json!({ "type": "keyDown", "key": key, "code": key, "windowsVirtualKeyCode": code });
+    if !text.is_empty() {
+        down["text"] = json!(text);
+    }
+    page.cmd("Input.dispatchKeyEvent", down)
+        .await
+        .expect("key down");
+    page.cmd(
+        "Input.dispatchKeyEvent",
+        json!({ "type": "keyUp", "key": key, "code": key, "windowsVirtualKeyCode": code }),
+    )
+    .await
+    .expect("key up");
+}
+
+/// Types `text` into the focused element, as a keyboard (or an input method) would.
+async fn type_text(page: &Page<'_>, text: &str) {
+    page.cmd("Input.insertText", json!({ "text": text }))
+        .await
+        .expect("type");
+}
+
+/// Presses Tab until the focused element matches `selector` (at most 30 times).
+async fn tab_to(page: &Page<'_>, selector: &str) {
+    for _ in 0..30 {
+        let here = page
+            .eval(&format!(
+                "document.activeElement?.matches({selector:?}) ?? false"
+            ))
+            .await
+            .expect("focus");
+        if here == json!(true) {
+            return;
+        }
+        press(page, "Tab").await;
+    }
+    panic!("Tab never reached {selector}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_main_flow_works_with_the_keyboard_only_at_phone_width() {
+    let site = Site::new(None).expect("site");
+    let bob_browser = registered(&site, "bob").await;
+    let browser = Browser::launch(&site.profile("alice"))
+        .await
+        .expect("chromium");
+    let page = browser.page().await.expect("page");
+    page.cmd(
+        "Emulation.setDeviceMetricsOverride",
+        json!({ "width": 375, "height": 740, "deviceScaleFactor": 2, "mobile": true }),
+    )
+    .await
+    .expect("phone width");
+    page.goto(&site.server.url()).await.expect("goto");
+    assert_eq!(page.verdict().await.expect("verdict"), "verified");
+    page.wait_for("document.activeElement?.id === 'username'")
+        .await
+        .expect("the username field has the focus");
+    type_text(&page, "alice").await;
+    press(&page, "Enter").await;
+    page.wait_logged_in().await.expect("registered");
+    tab_to(&page, "#contact").await;
+    type_text(&page, "bob").await;
+    press(&page, "Enter").await;
+    page.wait_for("document.activeElement?.id === 'message-input'")
+        .await
+        .expect("the composer has the focus");
+    type_text(&page, "typed, not clicked").await;
+    press(&page, "Enter").await;
+    page.wait_state("typed, not clicked", &["sent", "delivered", "read"])
+        .await
+        .expect("sent");
+    // The safety number opens and closes from the keyboard.
+    tab_to(&page, "#safety-button").await;
+    press(&page, "Enter").await;
+    page.wait_for(
+        "document.querySelector('#safety').open && document.querySelector('#safety-digits')",
+    )
+    .await
+    .expect("safety number");
+    press(&page, "Escape").await;
+    page.wait_for("!document.querySelector('#safety').open")
+        .await
+        .expect("dialog closed");
+    let bob = bob_browser.page().await.expect("page");
+    bob.goto(&site.server.url()).await.expect("goto");
+    bob.wait_logged_in().await.expect("login");
+    bob.open_conversation("alice").await.expect("open");
+    bob.wait_incoming("typed, not clicked")
+        .await
+        .expect("arrives");
+    let overflow = page
+        .eval("document.documentElement.scrollWidth")
+        .await
+        .expect("width");
+    assert!(
+        overflow.as_u64().unwrap_or(u64::MAX) <= 375,
+        "wider than the phone: {overflow}"
+    );
+    page.screenshot(&out_dir("browser-screenshots").join("keyboard-phone-375.png"))
+        .await
+        .expect("screenshot");
+}
