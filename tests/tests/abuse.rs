@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chat_core::identity::DeviceKeys;
 use chat_core::wire::{ClientFrame, ErrorCode, MAX_FRAME_BYTES, ServerFrame};
-use chat_tests::{Keys, ServerProcess};
+use chat_tests::{Keys, NatsServer, ServerProcess, World};
 use chatctl::client::Client;
 use chatctl::client::conn::Connection;
 use tempfile::TempDir;
@@ -509,9 +509,10 @@ async fn a_full_mailbox_refuses_more_and_takes_again_once_drained() {
         .expect("drained mailbox takes more");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_during_a_burst_of_concurrent_sends_loses_no_acknowledged_message() {
-    let mut world = chat_tests::World::new().expect("world");
+/// Four clients send to bob as fast as they can; the server is killed with SIGKILL in the middle
+/// of it and started again on the same store: every message that got its `SendAck` must reach
+/// bob after the restart.
+async fn kill_9_during_concurrent_sends(world: &mut World) {
     world.register("bob").await.expect("bob").conn.close().await;
     let mut senders = Vec::new();
     for i in 0..4 {
@@ -557,4 +558,27 @@ async fn kill_9_during_a_burst_of_concurrent_sends_loses_no_acknowledged_message
         lost.len()
     );
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_burst_of_concurrent_sends_loses_no_acknowledged_message() {
+    let mut world = World::new().expect("world");
+    kill_9_during_concurrent_sends(&mut world).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_burst_of_concurrent_sends_loses_no_acknowledged_message_on_nats() {
+    // nats-server keeps running: only chat-server dies, as a crashed instance of a cluster does.
+    let nats = NatsServer::start().expect("nats-server");
+    let keys = Keys::new().expect("keys");
+    let work = tempfile::tempdir().expect("tmp");
+    let server =
+        ServerProcess::start_with_args(keys.path(), work.path(), &["--store", &nats.url()])
+            .expect("chat-server on the NATS store");
+    let mut world = World { keys, work, server };
+    kill_9_during_concurrent_sends(&mut world).await;
+    assert!(
+        world.server.log_text().contains("store=nats://"),
+        "the server did not use the NATS store"
+    );
 }
