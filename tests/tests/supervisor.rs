@@ -33,10 +33,14 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
-/// Builds (once per run) the static chat-server that goes into the image.
+/// Builds (once per run) the static chat-server that goes into the image; `CHATAPP_MUSL_SERVER`
+/// names a prebuilt one instead (to iterate on the supervisor without rebuilding the server).
 fn musl_server() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("CHATAPP_MUSL_SERVER") {
+            return PathBuf::from(path);
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(&cargo)
             .current_dir(workspace_root())
