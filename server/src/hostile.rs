@@ -53,6 +53,9 @@ pub enum HostileMode {
     SplitView,
     /// At a user's second login, append a leaf with attacker keys for that device.
     ReplaceKeys,
+    /// At a user's second login, append an invalid leaf for that device (signed into the log
+    /// with the real key): attacker keys with a broken identity signature, dated 1970.
+    InvalidLeaf,
     /// Record every relayed envelope in `DATA/snooped` and in the log (a curious server).
     Snoop,
     /// Replace the (unsigned) one-time prekey of every bundle with a low-order point.
@@ -290,7 +293,7 @@ pub async fn intercept(
     let hostile = node.hostile.as_ref()?;
     match (hostile.mode, frame) {
         (
-            HostileMode::ReplaceKeys,
+            HostileMode::ReplaceKeys | HostileMode::InvalidLeaf,
             ClientFrame::Login {
                 username,
                 device_id,
@@ -347,6 +350,10 @@ async fn replace_keys(node: &Node, hostile: &Hostile, username: &str, device_id:
     };
     let mut forged = hostile.substituted_leaf(leaf);
     forged.timestamp = unix_now();
+    if hostile.mode == HostileMode::InvalidLeaf {
+        forged.identity_signature = [0u8; 64];
+        forged.timestamp = 1;
+    }
     match node.directory.append(forged).await {
         Ok(index) => {
             tracing::warn!(user = %username, device = device_id, index, "replaced the keys of a device")

@@ -352,6 +352,26 @@ async fn audit_of_an_honest_server_finds_no_problem() {
     assert!(ok, "{out}");
 }
 
+// Row 17: the log holds an entry that breaks the rules (bad signature, time running backwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_an_invalid_entry_naming_the_user_and_entry() {
+    let world = World::hostile("invalid-leaf").expect("hostile world");
+    let (alice, _bob) = alice_and_bob(&world).await;
+    alice.conn.close().await;
+    // Alice's second login makes the server append the invalid entry (index 2).
+    let _ = world.open("alice").await;
+    let state = tempfile::tempdir().expect("tmp");
+    let (ok, out) = audit(&world.server, state.path(), &[]);
+    assert!(!ok, "the audit must fail: {out}");
+    assert!(
+        out.contains("\"entry\":2")
+            && out.contains("\"user\":\"alice\"")
+            && out.contains("identity keys")
+            && out.contains("time ran backwards"),
+        "{out}"
+    );
+}
+
 // Row 4: a fork after the auditor recorded a head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_reports_a_fork_against_the_head_it_recorded() {
