@@ -1,50 +1,82 @@
 //! `chatctl bench`: load against a running server with real clients and real chat-core
-//! encryption (`--raw` measures the relay alone).
+//! encryption (`--raw` measures the relay alone), and the same load against the systems users
+//! would pick instead (`--peer nats|xmpp|relay`), measured by the same generator.
 //!
-//! `pairs`: N sender/receiver pairs; each sender keeps up to `--window` envelopes unacknowledged
-//! (or paces to `--rate` msgs/s in total); receivers decrypt and timestamp every message. The
-//! send time travels inside the encrypted 256-byte payload, so latency is send-to-deliver as
-//! the receiving user sees it. All clients run in this process, so one monotonic clock serves.
+//! Scenarios: `pairs` (1:1 traffic), `group` (one sender fanning out to M members), `idle` (C
+//! logged-in idle sockets, server RSS per socket with `--server-pid`), `connect` (new
+//! connection + login per second). `bench relay` runs the bare relay that is the limit. The
+//! send time travels inside the (encrypted) 256-byte payload, so latency is send-to-deliver as
+//! the receiving user sees it; all clients run in this process, so one monotonic clock serves.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
-use chat_core::wire::{ClientFrame, Envelope, ServerFrame};
-use chatctl::client::{Client, ClientOptions, DEVICE_ID};
-use clap::{Args, Subcommand};
-use rand_core::{OsRng, RngCore};
+use anyhow::{Context, Result, bail};
+use chatctl::client::ClientOptions;
+use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
-/// Payload size of every benchmark message (before padding and encryption).
-const PAYLOAD: usize = 256;
+#[path = "../bench/mod.rs"]
+mod drivers;
+
+use drivers::load::{self, LoadConfig, LoadResult, OpenResult};
+use drivers::{chat, nats, relay, xmpp};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     chatctl bench pairs --pairs 8 --duration 10s\n  \
     chatctl bench pairs --pairs 4 --rate 2000 --json\n  \
-    chatctl bench pairs --raw --server https://localhost:9443 --ca keys/tls/ca.pem\n\n\
-    The server must allow the registrations the run makes (limits.registrations_per_minute).")]
+    chatctl bench group --members 16 --raw --server https://localhost:9443 --ca keys/tls/ca.pem\n  \
+    chatctl bench idle --connections 10000 --server http://127.0.0.1:8080 --server-pid 4242\n  \
+    chatctl bench connect --duration 5s\n  \
+    chatctl bench --peer nats --server ws://127.0.0.1:9222 pairs --pairs 4\n  \
+    chatctl bench relay --listen 127.0.0.1:9700\n\n\
+    The chat server must allow the registrations the run makes (limits.registrations_per_minute).\n\
+    `cargo xtask bench-peers` starts every peer and runs every scenario against each.")]
 pub struct BenchArgs {
-    #[arg(long, env = "CHATCTL_SERVER", default_value = "https://localhost:8443", global = true)]
+    /// What to measure: chat-server, or a peer driven by the same load generator.
+    #[arg(long, value_enum, default_value_t = Peer::Chat, global = true)]
+    pub peer: Peer,
+    /// The chat server (https://, or http:// on loopback), or the peer's ws:// URL.
+    #[arg(
+        long,
+        env = "CHATCTL_SERVER",
+        default_value = "https://localhost:8443",
+        global = true
+    )]
     pub server: String,
     #[arg(long, default_value = ".chatctl/keys/tls/ca.pem", global = true)]
     pub ca: PathBuf,
     #[arg(long, default_value = ".chatctl/keys/directory.pub", global = true)]
     pub directory_key: PathBuf,
-    /// How long to measure (after warm-up).
+    /// How long to measure.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub duration: Duration,
     /// Print one JSON object instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Skip end-to-end encryption: measure the relay alone.
+    /// Skip end-to-end encryption: measure the chat relay alone.
     #[arg(long, global = true)]
     pub raw: bool,
+    /// The server's process id: its RSS is read from /proc before and after (idle).
+    #[arg(long, global = true)]
+    pub server_pid: Option<u32>,
     #[command(subcommand)]
     pub scenario: Scenario,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Peer {
+    /// chat-server (durable mailboxes, end-to-end encryption unless --raw).
+    Chat,
+    /// NATS core over nats-server's WebSocket listener.
+    Nats,
+    /// XMPP over WebSocket (RFC 7395), e.g. ejabberd.
+    Xmpp,
+    /// The bare relay of `chatctl bench relay` (the limit).
+    Relay,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,28 +85,74 @@ pub enum Scenario {
     Pairs {
         #[arg(long, default_value_t = 4)]
         pairs: usize,
-        /// Total messages per second across all pairs; as fast as acks allow when absent.
+        /// Deliveries per second in total; as fast as the window allows when absent.
         #[arg(long)]
         rate: Option<f64>,
-        /// Unacknowledged sends allowed per sender (when no --rate).
+        /// Messages per sender sent but not yet delivered (when no --rate).
         #[arg(long, default_value_t = 16)]
         window: usize,
+    },
+    /// Fan-out: one sender, every message to M members (pairwise sessions for chat).
+    Group {
+        #[arg(long, default_value_t = 8)]
+        members: usize,
+        /// Deliveries per second in total; as fast as the window allows when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Group messages sent but not yet delivered to every member (when no --rate).
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+    },
+    /// Open C logged-in idle connections (one user, many sockets) and report server RSS per
+    /// connection (needs --server-pid).
+    Idle {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+    },
+    /// New connection (TLS when https) + login, closed again, as fast as possible.
+    Connect {
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// Run the bare WebSocket relay (the limit) until stopped.
+    Relay {
+        #[arg(long, default_value = "127.0.0.1:9700")]
+        listen: SocketAddr,
     },
 }
 
 /// The result of one run; `--json` prints it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct BenchReport {
     pub scenario: &'static str,
+    pub peer: &'static str,
     pub raw: bool,
-    pub pairs: usize,
+    pub tls: bool,
+    /// Senders (pairs) or 1 (group); connections for idle and connect.
+    pub flows: usize,
+    /// Receivers per sender.
+    pub fanout: usize,
+    pub rate: Option<f64>,
     pub duration_secs: f64,
+    /// Deliveries the server accepted (chat: acknowledged as stored); connections attempted.
     pub sent: u64,
+    /// Deliveries received; connections opened and logged in.
     pub delivered: u64,
+    /// Deliveries per second; connections per second for idle and connect.
     pub msgs_per_sec: f64,
+    /// Send-to-deliver latency; connect + login time for idle and connect.
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_rss_before: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_rss_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_per_connection: Option<f64>,
+    /// 1-minute load average at the end (the machine is shared).
+    pub load_average: Option<f64>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -82,231 +160,307 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let report = runtime.block_on(async {
-        match args.scenario {
-            Scenario::Pairs { pairs, rate, window } => pairs_scenario(&args, pairs, rate, window.max(1)).await,
-        }
-    })?;
+    if let Scenario::Relay { listen } = args.scenario {
+        return runtime.block_on(relay::serve(listen));
+    }
+    let report = runtime.block_on(scenario(&args))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!(
-            "scenario  pairs  mode        sent   delivered  msgs/s    p50 ms  p99 ms  max ms\n\
-             {:<9} {:<6} {:<11} {:<6} {:<10} {:<9.0} {:<7.2} {:<7.2} {:.2}",
-            report.scenario,
-            report.pairs,
-            if report.raw { "raw relay" } else { "e2e" },
-            report.sent,
-            report.delivered,
-            report.msgs_per_sec,
-            report.p50_ms,
-            report.p99_ms,
-            report.max_ms
-        );
+        print_table(&report);
     }
-    if report.sent != report.delivered {
-        bail!("lost messages: sent {} but delivered {}", report.sent, report.delivered);
+    if matches!(report.scenario, "pairs" | "group") && report.sent != report.delivered {
+        bail!(
+            "lost messages: sent {} but delivered {}",
+            report.sent,
+            report.delivered
+        );
     }
     Ok(())
 }
 
-struct Pair {
-    sender: Client,
-    receiver: Client,
-    receiver_name: String,
+fn print_table(r: &BenchReport) {
+    let mode = match (r.peer, r.raw, r.tls) {
+        ("chat", true, _) => "raw relay",
+        ("chat", false, true) => "e2e, TLS",
+        ("chat", false, false) => "e2e",
+        (peer, ..) => peer,
+    };
+    let unit = if matches!(r.scenario, "idle" | "connect") {
+        "conn/s"
+    } else {
+        "msgs/s"
+    };
+    println!(
+        "{:<9} {:<10} {:<6} {:<7} {:<9} {:<10} {:<10} {:<8} {:<8} {:<8}",
+        "scenario",
+        "mode",
+        "flows",
+        "fanout",
+        "sent",
+        "delivered",
+        unit,
+        "p50 ms",
+        "p99 ms",
+        "max ms"
+    );
+    println!(
+        "{:<9} {:<10} {:<6} {:<7} {:<9} {:<10} {:<10.0} {:<8.2} {:<8.2} {:<8.2}",
+        r.scenario,
+        mode,
+        r.flows,
+        r.fanout,
+        r.sent,
+        r.delivered,
+        r.msgs_per_sec,
+        r.p50_ms,
+        r.p99_ms,
+        r.max_ms
+    );
+    if let (Some(before), Some(after), Some(per)) = (
+        r.server_rss_before,
+        r.server_rss_after,
+        r.rss_per_connection,
+    ) {
+        println!(
+            "server RSS {:.1} MiB -> {:.1} MiB: {:.1} KiB per connection",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            per / 1024.0
+        );
+    }
+    if let Some(load) = r.load_average {
+        println!("load average {load:.2}");
+    }
 }
 
-async fn setup_pairs(args: &BenchArgs, n: usize) -> Result<(Vec<Pair>, tempfile::TempDir)> {
-    let home = tempfile::tempdir()?;
-    let opts = ClientOptions {
+fn chat_options(args: &BenchArgs, home: &tempfile::TempDir) -> ClientOptions {
+    ClientOptions {
         server: args.server.clone(),
         ca: args.ca.clone(),
         home: home.path().to_owned(),
         directory_key: args.directory_key.clone(),
+    }
+}
+
+async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
+    let tls = args.peer == Peer::Chat && args.server.starts_with("https://");
+    let peer = match args.peer {
+        Peer::Chat => "chat",
+        Peer::Nats => "nats",
+        Peer::Xmpp => "xmpp",
+        Peer::Relay => "relay",
     };
+    let base = BenchReport {
+        peer,
+        raw: args.raw,
+        tls,
+        ..BenchReport::default()
+    };
+    let report = match args.scenario {
+        Scenario::Pairs {
+            pairs,
+            rate,
+            window,
+        } => {
+            let result = traffic(
+                args,
+                pairs,
+                1,
+                LoadConfig {
+                    duration: args.duration,
+                    rate,
+                    window,
+                },
+            )
+            .await?;
+            traffic_report(
+                BenchReport {
+                    scenario: "pairs",
+                    flows: pairs,
+                    fanout: 1,
+                    rate,
+                    ..base
+                },
+                result,
+            )
+        }
+        Scenario::Group {
+            members,
+            rate,
+            window,
+        } => {
+            let result = traffic(
+                args,
+                1,
+                members,
+                LoadConfig {
+                    duration: args.duration,
+                    rate,
+                    window,
+                },
+            )
+            .await?;
+            traffic_report(
+                BenchReport {
+                    scenario: "group",
+                    flows: 1,
+                    fanout: members,
+                    rate,
+                    ..base
+                },
+                result,
+            )
+        }
+        Scenario::Idle { connections } => {
+            let result = idle(args, connections).await?;
+            open_report(
+                BenchReport {
+                    scenario: "idle",
+                    flows: connections,
+                    ..base
+                },
+                result,
+            )
+        }
+        Scenario::Connect { concurrency } => {
+            let result = connect(args, concurrency).await?;
+            open_report(
+                BenchReport {
+                    scenario: "connect",
+                    flows: concurrency,
+                    ..base
+                },
+                result,
+            )
+        }
+        Scenario::Relay { .. } => bail!("`bench relay` is a server, not a scenario"),
+    };
+    Ok(report)
+}
+
+async fn traffic(
+    args: &BenchArgs,
+    senders: usize,
+    fanout: usize,
+    config: LoadConfig,
+) -> Result<LoadResult> {
+    let url = args.server.as_str();
+    match args.peer {
+        Peer::Chat => {
+            let home = tempfile::tempdir()?;
+            let flows = chat::flows(&chat_options(args, &home), senders, fanout, args.raw).await?;
+            load::run(flows, config).await
+        }
+        Peer::Nats => load::run(nats::flows(url, senders, fanout).await?, config).await,
+        Peer::Xmpp => load::run(xmpp::flows(url, senders, fanout).await?, config).await,
+        Peer::Relay => load::run(relay::flows(url, senders, fanout).await?, config).await,
+    }
+}
+
+fn traffic_report(base: BenchReport, r: LoadResult) -> BenchReport {
+    BenchReport {
+        duration_secs: r.elapsed.as_secs_f64(),
+        sent: r.sent,
+        delivered: r.delivered,
+        msgs_per_sec: r.delivered as f64 / r.elapsed.as_secs_f64().max(1e-9),
+        p50_ms: r.latencies.ms(0.5),
+        p99_ms: r.latencies.ms(0.99),
+        max_ms: r.latencies.ms(1.0),
+        load_average: load::load_average(),
+        ..base
+    }
+}
+
+fn open_report(base: BenchReport, r: OpenResult) -> BenchReport {
+    let rss_per_connection = match (r.rss_before, r.rss_after) {
+        (Some(b), Some(a)) if r.opened > 0 => Some(a.saturating_sub(b) as f64 / r.opened as f64),
+        _ => None,
+    };
+    BenchReport {
+        duration_secs: r.elapsed.as_secs_f64(),
+        sent: r.attempted,
+        delivered: r.opened,
+        msgs_per_sec: r.opened as f64 / r.elapsed.as_secs_f64().max(1e-9),
+        p50_ms: r.latencies.ms(0.5),
+        p99_ms: r.latencies.ms(0.99),
+        max_ms: r.latencies.ms(1.0),
+        server_rss_before: r.rss_before,
+        server_rss_after: r.rss_after,
+        rss_per_connection,
+        load_average: load::load_average(),
+        ..base
+    }
+}
+
+fn run_tag() -> String {
     let mut tag = [0u8; 3];
-    OsRng.fill_bytes(&mut tag);
-    let tag = hex::encode(tag);
-    let bar = crate::progress::spinner(format!("registering {} clients", 2 * n));
-    let mut pairs = Vec::with_capacity(n);
-    for i in 0..n {
-        let s_name = format!("bench{tag}s{i}");
-        let r_name = format!("bench{tag}r{i}");
-        let mut sender = Client::register(&opts, &s_name).await.with_context(|| format!("register {s_name}"))?;
-        let mut receiver = Client::register(&opts, &r_name).await.with_context(|| format!("register {r_name}"))?;
-        // Full, directory-checked session set-up once; the measured loop reuses the sessions.
-        sender.send_text(&r_name, "warm-up").await?;
-        let got = receiver.receive(Duration::from_millis(300)).await?;
-        if got.len() != 1 {
-            bail!("warm-up message to {r_name} did not arrive");
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut tag);
+    hex::encode(tag)
+}
+
+async fn idle(args: &BenchArgs, count: usize) -> Result<OpenResult> {
+    let (url, pid) = (args.server.as_str(), args.server_pid);
+    match args.peer {
+        Peer::Chat => {
+            let home = tempfile::tempdir()?;
+            let who = chat::LoginIdentity::register(&chat_options(args, &home)).await?;
+            let (who, ca) = (&who, args.ca.as_path());
+            load::idle(count, pid, move |_| who.login(url, ca)).await
         }
-        bar.set_message(format!("registered {} of {} clients", 2 * (i + 1), 2 * n));
-        pairs.push(Pair {
-            sender,
-            receiver,
-            receiver_name: r_name,
-        });
-    }
-    bar.finish_and_clear();
-    Ok((pairs, home))
-}
-
-fn payload(seq: u64, sent_nanos: u64) -> Vec<u8> {
-    let mut p = vec![0u8; PAYLOAD];
-    p[..8].copy_from_slice(&seq.to_be_bytes());
-    p[8..16].copy_from_slice(&sent_nanos.to_be_bytes());
-    p
-}
-
-async fn pairs_scenario(args: &BenchArgs, n: usize, rate: Option<f64>, window: usize) -> Result<BenchReport> {
-    let (pairs, _home) = setup_pairs(args, n).await?;
-    let origin = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent_total = Arc::new(AtomicU64::new(0));
-    let delivered_total = Arc::new(AtomicU64::new(0));
-    let per_sender_interval = rate.map(|r| Duration::from_secs_f64(n as f64 / r.max(0.001)));
-    let raw = args.raw;
-    let mut senders = Vec::new();
-    let mut receivers = Vec::new();
-    for pair in pairs {
-        let Pair {
-            mut sender,
-            mut receiver,
-            receiver_name,
-        } = pair;
-        let sender_name = sender.name.clone();
-        let mut send_session = sender
-            .load_session(&receiver_name, DEVICE_ID)?
-            .ok_or_else(|| anyhow!("no session after warm-up"))?;
-        let mut recv_session = receiver
-            .load_session(&sender_name, DEVICE_ID)?
-            .ok_or_else(|| anyhow!("no session after warm-up"))?;
-        let (stop_s, sent) = (stop.clone(), sent_total.clone());
-        senders.push(tokio::spawn(async move {
-            let mut in_flight = 0usize;
-            let mut seq = 0u64;
-            let mut next_at = tokio::time::Instant::now();
-            loop {
-                let stopping = stop_s.load(Relaxed);
-                if !stopping && (in_flight < window || per_sender_interval.is_some()) {
-                    if let Some(interval) = per_sender_interval {
-                        tokio::time::sleep_until(next_at).await;
-                        next_at += interval;
-                    }
-                    seq += 1;
-                    let body = payload(seq, origin.elapsed().as_nanos() as u64);
-                    let message = if raw { body } else { send_session.encrypt(&body, &mut OsRng)? };
-                    let mut message_id = [0u8; 16];
-                    OsRng.fill_bytes(&mut message_id);
-                    sender
-                        .conn
-                        .send(&ClientFrame::Send {
-                            message_id,
-                            to_user: receiver_name.clone(),
-                            to_device: DEVICE_ID,
-                            envelope: Envelope::RatchetMessage { message }.encode(),
-                        })
-                        .await?;
-                    in_flight += 1;
-                    if per_sender_interval.is_some() || in_flight < window {
-                        // Collect acks that already arrived without waiting.
-                        while let Ok(frame) = sender.conn.next_frame(Duration::from_millis(0)).await {
-                            let acked = ack_count(&frame)?;
-                            in_flight -= acked;
-                            sent.fetch_add(acked as u64, Relaxed);
-                        }
-                        continue;
-                    }
-                }
-                if stopping && in_flight == 0 {
-                    break;
-                }
-                let frame = sender.conn.next_frame(Duration::from_secs(10)).await?;
-                let acked = ack_count(&frame)?;
-                in_flight -= acked;
-                sent.fetch_add(acked as u64, Relaxed);
-            }
-            anyhow::Ok(())
-        }));
-        let delivered = delivered_total.clone();
-        let stop_r = stop.clone();
-        receivers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut last_seq = 0;
-            loop {
-                let frame = match receiver.conn.next_frame(Duration::from_millis(1500)).await {
-                    Ok(f) => f,
-                    Err(_) if stop_r.load(Relaxed) => break,
-                    Err(e) => return Err(e),
-                };
-                let ServerFrame::Deliver { seq, envelope, .. } = frame else {
-                    continue;
-                };
-                let Ok(Envelope::RatchetMessage { message }) = Envelope::decode(&envelope) else {
-                    bail!("unexpected envelope");
-                };
-                let body = if raw { message } else { recv_session.decrypt(&message)? };
-                let sent_nanos = u64::from_be_bytes(body.get(8..16).and_then(|b| b.try_into().ok()).unwrap_or_default());
-                let now = origin.elapsed().as_nanos() as u64;
-                latencies.push(now.saturating_sub(sent_nanos));
-                delivered.fetch_add(1, Relaxed);
-                if seq - last_seq >= 32 {
-                    receiver.conn.send(&ClientFrame::Ack { up_to_seq: seq }).await?;
-                    last_seq = seq;
-                }
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let bar = crate::progress::spinner("measuring".into());
-    let start = Instant::now();
-    while start.elapsed() < args.duration {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        bar.set_message(format!(
-            "{:.0}s: {} acknowledged, {} delivered",
-            start.elapsed().as_secs_f64(),
-            sent_total.load(Relaxed),
-            delivered_total.load(Relaxed)
-        ));
-    }
-    stop.store(true, Relaxed);
-    let elapsed = start.elapsed();
-    for s in senders {
-        s.await??;
-    }
-    let mut latencies = Vec::new();
-    for r in receivers {
-        latencies.extend(r.await??);
-    }
-    bar.finish_and_clear();
-    latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
+        Peer::Nats => load::idle(count, pid, move |_| nats::NatsConn::connect(url)).await,
+        Peer::Xmpp => {
+            let user = xmpp::user_name(&run_tag(), "idle");
+            xmpp::XmppConn::login(url, &user, "r0", true).await?;
+            let user = user.as_str();
+            load::idle(count, pid, move |i| async move {
+                xmpp::XmppConn::login(url, user, &format!("r{i}"), false).await
+            })
+            .await
         }
-        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies[i.min(latencies.len() - 1)] as f64 / 1e6
-    };
-    let sent = sent_total.load(Relaxed);
-    Ok(BenchReport {
-        scenario: "pairs",
-        raw,
-        pairs: n,
-        duration_secs: elapsed.as_secs_f64(),
-        sent,
-        delivered: delivered_total.load(Relaxed),
-        msgs_per_sec: sent as f64 / elapsed.as_secs_f64(),
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
-        max_ms: pct(1.0),
-    })
+        Peer::Relay => {
+            let tag = run_tag();
+            let tag = tag.as_str();
+            load::idle(count, pid, move |i| async move {
+                relay::RelayConn::connect(url, &format!("{tag}i{i}")).await
+            })
+            .await
+        }
+    }
 }
 
-/// 1 for a `SendAck`, 0 for other frames; a server error ends the run.
-fn ack_count(frame: &ServerFrame) -> Result<usize> {
-    match frame {
-        ServerFrame::SendAck { .. } => Ok(1),
-        ServerFrame::Error { code, message, .. } => bail!("server error {code}: {message}"),
-        _ => Ok(0),
+async fn connect(args: &BenchArgs, concurrency: usize) -> Result<OpenResult> {
+    let (url, duration) = (args.server.as_str(), args.duration);
+    match args.peer {
+        Peer::Chat => {
+            let home = tempfile::tempdir()?;
+            let who = chat::LoginIdentity::register(&chat_options(args, &home)).await?;
+            let (who, ca) = (&who, args.ca.as_path());
+            load::connect(duration, concurrency, move |_| async move {
+                who.login(url, ca).await?.close().await;
+                anyhow::Ok(())
+            })
+            .await
+        }
+        Peer::Nats => {
+            load::connect(duration, concurrency, move |_| nats::NatsConn::connect(url)).await
+        }
+        Peer::Xmpp => {
+            let user = xmpp::user_name(&run_tag(), "conn");
+            xmpp::XmppConn::login(url, &user, "r0", true).await?;
+            let user = user.as_str();
+            load::connect(duration, concurrency, move |i| async move {
+                xmpp::XmppConn::login(url, user, &format!("c{i}"), false).await
+            })
+            .await
+        }
+        Peer::Relay => {
+            let tag = run_tag();
+            let tag = tag.as_str();
+            load::connect(duration, concurrency, move |i| async move {
+                relay::RelayConn::connect(url, &format!("{tag}c{i}")).await
+            })
+            .await
+        }
     }
 }

@@ -1,0 +1,284 @@
+//! The chat-server driver: real `chatctl` clients (registered, directory-checked, sessions set
+//! up by a first real message), then the measured traffic on the same sockets with real Double
+//! Ratchet encryption (`--raw`: the payload as the envelope, the relay alone).
+//!
+//! Fan-out is pairwise: one ratchet session and one envelope per member, as the native client
+//! sends to several devices.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use chat_core::identity::DeviceKeys;
+use chat_core::ratchet::Session;
+use chat_core::wire::{ClientFrame, Envelope, ErrorScope, ServerFrame};
+use chatctl::client::conn::{Closed, Connection};
+use chatctl::client::{Client, ClientOptions, DEVICE_ID};
+use rand_core::{OsRng, RngCore};
+
+use super::load::{Flow, Inbox, Outbox};
+
+/// Receivers acknowledge (let the server delete) every this many deliveries.
+const ACK_EVERY: u64 = 32;
+
+/// The sending client of a flow, with a session per receiver (`None` when raw).
+pub struct ChatOutbox {
+    client: Client,
+    to: Vec<(String, Option<Session>)>,
+    unacked: u64,
+    acked: u64,
+}
+
+pub struct ChatInbox {
+    client: Client,
+    session: Option<Session>,
+    last_acked: u64,
+}
+
+fn is_timeout(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Closed>().is_none() && e.to_string().starts_with("no answer")
+}
+
+impl ChatOutbox {
+    fn count(&mut self, frame: &ServerFrame) -> Result<()> {
+        match frame {
+            ServerFrame::SendAck { .. } => {
+                self.unacked = self.unacked.saturating_sub(1);
+                self.acked += 1;
+                Ok(())
+            }
+            ServerFrame::Error { code, message, .. } => bail!("server error {code}: {message}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Outbox for ChatOutbox {
+    async fn send(&mut self, body: Vec<u8>) -> Result<()> {
+        for (name, session) in &mut self.to {
+            let message = match session {
+                Some(s) => s.encrypt(&body, &mut OsRng)?,
+                None => body.clone(),
+            };
+            let mut message_id = [0u8; 16];
+            OsRng.fill_bytes(&mut message_id);
+            self.client
+                .conn
+                .send(&ClientFrame::Send {
+                    message_id,
+                    to_user: name.clone(),
+                    to_device: DEVICE_ID,
+                    envelope: Envelope::RatchetMessage { message }.encode(),
+                })
+                .await?;
+            self.unacked += 1;
+        }
+        // Collect the acks that already arrived, without waiting.
+        loop {
+            match self.client.conn.next_frame(Duration::ZERO).await {
+                Ok(frame) => self.count(&frame)?,
+                Err(e) if is_timeout(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn finish(&mut self) -> Result<u64> {
+        while self.unacked > 0 {
+            let frame = self
+                .client
+                .conn
+                .next_frame(Duration::from_secs(15))
+                .await
+                .context("waiting for the last SendAcks")?;
+            self.count(&frame)?;
+        }
+        Ok(self.acked)
+    }
+}
+
+impl Inbox for ChatInbox {
+    async fn recv(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>> {
+        loop {
+            let frame = match self.client.conn.next_frame(timeout).await {
+                Ok(f) => f,
+                Err(e) if is_timeout(&e) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            let ServerFrame::Deliver { seq, envelope, .. } = frame else {
+                continue;
+            };
+            let Ok(Envelope::RatchetMessage { message }) = Envelope::decode(&envelope) else {
+                bail!("unexpected envelope kind");
+            };
+            let body = match &mut self.session {
+                Some(s) => s.decrypt(&message)?,
+                None => message,
+            };
+            if seq >= self.last_acked + ACK_EVERY {
+                self.client
+                    .conn
+                    .send(&ClientFrame::Ack { up_to_seq: seq })
+                    .await?;
+                self.last_acked = seq;
+            }
+            return Ok(Some(body));
+        }
+    }
+}
+
+fn random_tag() -> String {
+    let mut tag = [0u8; 3];
+    OsRng.fill_bytes(&mut tag);
+    hex::encode(tag)
+}
+
+async fn register_all(opts: &ClientOptions, names: Vec<String>) -> Result<Vec<Client>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, name) in names.into_iter().enumerate() {
+        let opts = opts.clone();
+        tasks.spawn(async move {
+            let c = Client::register(&opts, &name)
+                .await
+                .with_context(|| format!("cannot register {name}"));
+            (i, c)
+        });
+    }
+    let mut out: Vec<Option<Client>> = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (i, client) = done.context("a registration panicked")?;
+        if out.len() <= i {
+            out.resize_with(i + 1, || None);
+        }
+        out[i] = Some(client?);
+    }
+    out.into_iter()
+        .map(|c| c.ok_or_else(|| anyhow!("a registration is missing")))
+        .collect()
+}
+
+/// Registers `senders` senders with `fanout` receivers each, sets up every session with one
+/// real (directory-checked) message, and hands out the flows.
+pub async fn flows(
+    opts: &ClientOptions,
+    senders: usize,
+    fanout: usize,
+    raw: bool,
+) -> Result<Vec<Flow<ChatOutbox, ChatInbox>>> {
+    let tag = random_tag();
+    let bar = chatctl::progress::spinner(format!("registering {} clients", senders * (1 + fanout)));
+    let mut names = Vec::new();
+    for s in 0..senders {
+        names.push(format!("bench{tag}s{s}"));
+        for r in 0..fanout {
+            names.push(format!("bench{tag}s{s}r{r}"));
+        }
+    }
+    let mut clients = register_all(opts, names).await?.into_iter();
+    let mut out = Vec::new();
+    for _ in 0..senders {
+        let mut sender = clients.next().ok_or_else(|| anyhow!("missing sender"))?;
+        let mut receivers: Vec<Client> = clients.by_ref().take(fanout).collect();
+        bar.set_message(format!("setting up sessions of {}", sender.name));
+        let mut to = Vec::new();
+        let mut inboxes = Vec::new();
+        for receiver in &mut receivers {
+            sender.send_text(&receiver.name, "warm-up").await?;
+            let got = receiver.receive(Duration::from_millis(300)).await?;
+            if got.len() != 1 {
+                bail!("the warm-up message to {} did not arrive", receiver.name);
+            }
+            let session = if raw {
+                None
+            } else {
+                Some(
+                    sender
+                        .load_session(&receiver.name, DEVICE_ID)?
+                        .ok_or_else(|| anyhow!("no session after warm-up"))?,
+                )
+            };
+            to.push((receiver.name.clone(), session));
+        }
+        for receiver in receivers {
+            let session = if raw {
+                None
+            } else {
+                Some(
+                    receiver
+                        .load_session(&sender.name, DEVICE_ID)?
+                        .ok_or_else(|| anyhow!("no session after warm-up"))?,
+                )
+            };
+            inboxes.push(ChatInbox {
+                client: receiver,
+                session,
+                last_acked: 0,
+            });
+        }
+        out.push(Flow {
+            outbox: ChatOutbox {
+                client: sender,
+                to,
+                unacked: 0,
+                acked: 0,
+            },
+            inboxes,
+        });
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// A registered user whose keys can log in on any number of sockets.
+pub struct LoginIdentity {
+    pub name: String,
+    keys: DeviceKeys,
+}
+
+impl LoginIdentity {
+    /// Registers a fresh user (its state goes under `opts.home`).
+    pub async fn register(opts: &ClientOptions) -> Result<Self> {
+        let name = format!("bench{}idle", random_tag());
+        let client = Client::register(opts, &name).await?;
+        client.conn.close().await;
+        let path = opts.home.join(&name).join("device.key");
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let keys = DeviceKeys::decode(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok(Self { name, keys })
+    }
+
+    /// A new socket (TLS when the URL is https), logged in as this device.
+    pub async fn login(&self, server: &str, ca: &Path) -> Result<Connection> {
+        let mut conn = Connection::connect(server, ca).await?;
+        conn.send(&ClientFrame::Login {
+            username: self.name.clone(),
+            device_id: DEVICE_ID,
+        })
+        .await?;
+        let nonce = match conn
+            .wait_for(
+                |f| matches!(f, ServerFrame::Challenge { .. }),
+                |s| *s == ErrorScope::Connection,
+            )
+            .await?
+        {
+            ServerFrame::Challenge { nonce } => nonce,
+            _ => bail!("expected a login challenge"),
+        };
+        let signature = self
+            .keys
+            .identity()
+            .sign_login(&nonce, &self.name, DEVICE_ID);
+        conn.send(&ClientFrame::LoginProof { signature }).await?;
+        conn.wait_for(
+            |f| matches!(f, ServerFrame::Welcome { .. }),
+            |s| *s == ErrorScope::Connection,
+        )
+        .await
+        .with_context(|| format!("login as {} failed", self.name))?;
+        Ok(conn)
+    }
+}

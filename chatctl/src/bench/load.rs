@@ -1,0 +1,422 @@
+//! The load generator every driver shares, so chat-server, NATS, ejabberd and the bare relay
+//! are measured by the same code: flows of one sender and one or more receivers, 256-byte
+//! payloads carrying `[seq u64][sent-at ns u64]`, a window of undelivered messages per flow (or
+//! an open-loop `--rate`), send-to-deliver latency on one monotonic clock.
+//!
+//! A driver supplies an [`Outbox`] (one sending connection) and [`Inbox`]es (receiving
+//! connections); the idle and connect scenarios only need a function that opens one logged-in
+//! connection ([`idle`], [`connect`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+
+/// Payload size of every benchmark message.
+pub const PAYLOAD: usize = 256;
+/// Handshakes in flight at once while opening idle connections.
+const OPEN_CONCURRENCY: usize = 64;
+
+/// One sending connection of a flow.
+pub trait Outbox: Send + 'static {
+    /// Sends one payload to every receiver of the flow.
+    fn send(&mut self, body: Vec<u8>) -> impl Future<Output = Result<()>> + Send;
+    /// After the last send: waits until the peer confirmed everything (chat: every `SendAck`,
+    /// i.e. durably stored; the others: a round trip behind the last send) and returns how
+    /// many deliveries (message x receiver) the peer accepted.
+    fn finish(&mut self) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// One receiving connection.
+pub trait Inbox: Send + 'static {
+    /// The next payload, `None` when nothing arrived within `timeout`.
+    fn recv(&mut self, timeout: Duration) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
+}
+
+/// A sender and the receivers every one of its messages goes to.
+pub struct Flow<O, I> {
+    pub outbox: O,
+    pub inboxes: Vec<I>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LoadConfig {
+    pub duration: Duration,
+    /// Deliveries per second in total (open loop); `None`: as fast as the window allows.
+    pub rate: Option<f64>,
+    /// Messages per flow sent but not yet delivered to every receiver.
+    pub window: usize,
+}
+
+/// What a load run measured.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    pub elapsed: Duration,
+    /// Deliveries the peer accepted (chat: acknowledged as stored).
+    pub sent: u64,
+    pub delivered: u64,
+    pub latencies: Latencies,
+}
+
+/// Latencies in nanoseconds, sorted.
+#[derive(Debug, Default)]
+pub struct Latencies(Vec<u64>);
+
+impl Latencies {
+    pub fn new(mut ns: Vec<u64>) -> Self {
+        ns.sort_unstable();
+        Self(ns)
+    }
+
+    /// The `p` quantile (0..=1) in milliseconds; 0 without samples.
+    pub fn ms(&self, p: f64) -> f64 {
+        let Some(last) = self.0.len().checked_sub(1) else {
+            return 0.0;
+        };
+        let i = ((last as f64) * p).round() as usize;
+        self.0[i.min(last)] as f64 / 1e6
+    }
+}
+
+/// `[seq][sent_nanos]` then zeros, `PAYLOAD` bytes.
+pub fn payload(seq: u64, sent_nanos: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAYLOAD];
+    p[..8].copy_from_slice(&seq.to_be_bytes());
+    p[8..16].copy_from_slice(&sent_nanos.to_be_bytes());
+    p
+}
+
+/// The send time inside a payload (0 for a short one).
+pub fn sent_nanos(body: &[u8]) -> u64 {
+    body.get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or_default()
+}
+
+/// Runs the flows for `config.duration` and waits for the tail to drain.
+pub async fn run<O: Outbox, I: Inbox>(
+    flows: Vec<Flow<O, I>>,
+    config: LoadConfig,
+) -> Result<LoadResult> {
+    let origin = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let total_fanout: usize = flows.iter().map(|f| f.inboxes.len()).sum();
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for flow in flows {
+        let fanout = flow.inboxes.len().max(1);
+        let window = Arc::new(Semaphore::new(config.window.max(1) * fanout));
+        let flow_sent = Arc::new(AtomicU64::new(0));
+        let flow_done = Arc::new(AtomicBool::new(false));
+        // Each sender sends its share of the total rate, counted in deliveries.
+        let interval = config
+            .rate
+            .map(|r| Duration::from_secs_f64(total_fanout as f64 / r.max(0.001)));
+        let mut outbox = flow.outbox;
+        let (stop_s, window_s, sent_s, done_s) = (
+            stop.clone(),
+            window.clone(),
+            flow_sent.clone(),
+            flow_done.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            let mut next_at = tokio::time::Instant::now();
+            while !stop_s.load(Relaxed) {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(next_at).await;
+                    next_at += interval;
+                } else {
+                    let permits = u32::try_from(fanout).unwrap_or(u32::MAX);
+                    match tokio::time::timeout(
+                        Duration::from_millis(50),
+                        window_s.acquire_many(permits),
+                    )
+                    .await
+                    {
+                        Ok(Ok(p)) => p.forget(),
+                        Ok(Err(_)) => break,
+                        Err(_) => continue,
+                    }
+                }
+                seq += 1;
+                outbox
+                    .send(payload(seq, origin.elapsed().as_nanos() as u64))
+                    .await?;
+                sent_s.fetch_add(1, Relaxed);
+            }
+            let confirmed = outbox.finish().await?;
+            done_s.store(true, Relaxed);
+            anyhow::Ok(confirmed)
+        }));
+        for mut inbox in flow.inboxes {
+            let (stop_r, window_r, sent_r, done_r, delivered_r) = (
+                stop.clone(),
+                window.clone(),
+                flow_sent.clone(),
+                flow_done.clone(),
+                delivered.clone(),
+            );
+            receivers.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut received = 0u64;
+                let mut idle_after_stop = 0;
+                loop {
+                    if done_r.load(Relaxed) && received >= sent_r.load(Relaxed) {
+                        break;
+                    }
+                    match inbox.recv(Duration::from_millis(500)).await? {
+                        Some(body) => {
+                            let now = origin.elapsed().as_nanos() as u64;
+                            latencies.push(now.saturating_sub(sent_nanos(&body)));
+                            received += 1;
+                            delivered_r.fetch_add(1, Relaxed);
+                            window_r.add_permits(1);
+                        }
+                        None if stop_r.load(Relaxed) => {
+                            idle_after_stop += 1;
+                            // 10 s of silence after the end: what is missing is lost.
+                            if idle_after_stop > 20 {
+                                break;
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                anyhow::Ok(latencies)
+            }));
+        }
+    }
+    let bar = chatctl::progress::spinner("measuring".into());
+    let start = Instant::now();
+    while start.elapsed() < config.duration {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        bar.set_message(format!(
+            "{:.0}s: {} delivered",
+            start.elapsed().as_secs_f64(),
+            delivered.load(Relaxed)
+        ));
+    }
+    stop.store(true, Relaxed);
+    let elapsed = start.elapsed();
+    bar.set_message("draining");
+    let mut sent = 0;
+    for s in senders {
+        sent += s.await.context("a sender panicked")??;
+    }
+    let mut latencies = Vec::new();
+    for r in receivers {
+        latencies.extend(r.await.context("a receiver panicked")??);
+    }
+    bar.finish_and_clear();
+    Ok(LoadResult {
+        elapsed,
+        sent,
+        delivered: delivered.load(Relaxed),
+        latencies: Latencies::new(latencies),
+    })
+}
+
+/// What opening many connections measured.
+#[derive(Debug, Default)]
+pub struct OpenResult {
+    pub attempted: u64,
+    pub opened: u64,
+    pub elapsed: Duration,
+    /// Time to open one connection (handshakes and login).
+    pub latencies: Latencies,
+    pub rss_before: Option<u64>,
+    pub rss_after: Option<u64>,
+}
+
+/// Opens `count` connections with `open` (64 at a time), keeps them all open, and reads the
+/// RSS of `server_pid` before and after (after a 2 s settle).
+pub async fn idle<T, F, Fut>(count: usize, server_pid: Option<u32>, open: F) -> Result<OpenResult>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    check_fd_limit(count)?;
+    let rss_before = server_pid.map(rss_bytes).transpose()?;
+    let bar = chatctl::progress::spinner(format!("opening {count} connections"));
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(count);
+    let mut latencies = Vec::with_capacity(count);
+    let mut opening = futures_util::stream::iter(0..count)
+        .map(|i| {
+            let fut = open(i);
+            async move {
+                let t = Instant::now();
+                fut.await.map(|c| (c, t.elapsed()))
+            }
+        })
+        .buffer_unordered(OPEN_CONCURRENCY);
+    let mut first_error = None;
+    while let Some(result) = opening.next().await {
+        match result {
+            Ok((conn, took)) => {
+                held.push(conn);
+                latencies.push(took.as_nanos() as u64);
+                if held.len() % 500 == 0 {
+                    bar.set_message(format!("{} of {count} connections open", held.len()));
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    drop(opening);
+    let elapsed = start.elapsed();
+    if let Some(e) = first_error {
+        if held.is_empty() {
+            return Err(e.context("no connection could be opened"));
+        }
+        eprintln!(
+            "chatctl: warning: {} of {count} connections failed, the first: {e:#}",
+            count - held.len()
+        );
+    }
+    bar.set_message(format!("{} connections open, settling", held.len()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = server_pid.map(rss_bytes).transpose()?;
+    bar.finish_and_clear();
+    let opened = held.len() as u64;
+    drop(held);
+    Ok(OpenResult {
+        attempted: count as u64,
+        opened,
+        elapsed,
+        latencies: Latencies::new(latencies),
+        rss_before,
+        rss_after,
+    })
+}
+
+/// Opens and drops connections with `concurrency` workers for `duration`.
+pub async fn connect<T, F, Fut>(
+    duration: Duration,
+    concurrency: usize,
+    open: F,
+) -> Result<OpenResult>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let bar = chatctl::progress::spinner("connecting".into());
+    let start = Instant::now();
+    let attempted = AtomicU64::new(0);
+    let open = &open;
+    let attempted_ref = &attempted;
+    let workers = (0..concurrency.max(1)).map(|w| async move {
+        let mut latencies = Vec::new();
+        let mut first_error = None;
+        let mut i = w;
+        while start.elapsed() < duration {
+            attempted_ref.fetch_add(1, Relaxed);
+            let t = Instant::now();
+            match open(i).await {
+                Ok(conn) => {
+                    latencies.push(t.elapsed().as_nanos() as u64);
+                    drop(conn);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+            i += concurrency;
+        }
+        (latencies, first_error)
+    });
+    let results = futures_util::future::join_all(workers).await;
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    let mut latencies = Vec::new();
+    for (l, e) in results {
+        latencies.extend(l);
+        if let Some(e) = e {
+            eprintln!("chatctl: warning: a connection failed: {e:#}");
+        }
+    }
+    Ok(OpenResult {
+        attempted: attempted.load(Relaxed),
+        opened: latencies.len() as u64,
+        elapsed,
+        latencies: Latencies::new(latencies),
+        rss_before: None,
+        rss_after: None,
+    })
+}
+
+/// Resident set size of a process, from `/proc/PID/status`.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {path}: is --server-pid {pid} running here?"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .with_context(|| format!("{path} has no VmRSS line"))?;
+    Ok(kib * 1024)
+}
+
+/// The 1-minute load average (the machine is shared: every figure carries it).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Refuses to start when this process may not hold `count` sockets (`ulimit -n`).
+fn check_fd_limit(count: usize) -> Result<()> {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return Ok(());
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(soft) = soft {
+        if soft < count + 64 {
+            bail!(
+                "{count} connections need more file descriptors than this process may open ({soft}): \
+                 raise it with `ulimit -n {}` (cargo xtask bench-peers does)",
+                count + 1024
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_pick_the_nearest_rank_in_milliseconds() {
+        let l = Latencies::new((1..=100).rev().map(|ms| ms * 1_000_000).collect());
+        assert_eq!(l.ms(0.5), 51.0);
+        assert_eq!(l.ms(0.99), 99.0);
+        assert_eq!(l.ms(1.0), 100.0);
+        assert_eq!(Latencies::default().ms(0.5), 0.0);
+    }
+
+    #[test]
+    fn payload_carries_its_send_time() {
+        let p = payload(7, 123_456);
+        assert_eq!(p.len(), PAYLOAD);
+        assert_eq!(sent_nanos(&p), 123_456);
+        assert_eq!(sent_nanos(&[1, 2]), 0);
+    }
+}

@@ -1,0 +1,10 @@
+//! `chatctl bench` internals: the shared load generator ([`load`]) and one driver per system
+//! measured by it: chat-server ([`chat`]), NATS core ([`nats`]), ejabberd ([`xmpp`]) and the
+//! bare relay that is the limit ([`relay`]), all over WebSocket.
+
+pub mod chat;
+pub mod load;
+pub mod nats;
+pub mod relay;
+pub mod ws;
+pub mod xmpp;
