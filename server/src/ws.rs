@@ -32,9 +32,17 @@ const DELIVERY_BATCH: usize = 64;
 /// Frames queued for one socket before senders wait.
 const OUTBOX: usize = 128;
 
+/// What the writer task sends. Frames travel encoded: the channel's slots are allocated per
+/// socket, so a small item keeps idle sockets cheap.
 enum Outgoing {
-    Frame(ServerFrame),
+    Frame(Vec<u8>),
     Close(CloseCode, &'static str),
+}
+
+impl Outgoing {
+    fn frame(frame: &ServerFrame) -> Self {
+        Outgoing::Frame(frame.encode())
+    }
 }
 
 pub fn websocket_config() -> WebSocketConfig {
@@ -66,11 +74,24 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
     let writer_node = node.clone();
     let writer = tokio::spawn(async move {
-        while let Some(out) = out_rx.recv().await {
-            let result = match out {
-                Outgoing::Frame(frame) => {
+        // Frames queued together go out with one flush.
+        let mut next = out_rx.recv().await;
+        while let Some(out) = next.take() {
+            match out {
+                Outgoing::Frame(bytes) => {
                     writer_node.metrics.frames_out.fetch_add(1, Relaxed);
-                    sink.send(Message::Binary(frame.encode().into())).await
+                    if sink.feed(Message::Binary(bytes.into())).await.is_err() {
+                        break;
+                    }
+                    next = match out_rx.try_recv() {
+                        Ok(out) => Some(out),
+                        Err(_) => {
+                            if sink.flush().await.is_err() {
+                                break;
+                            }
+                            out_rx.recv().await
+                        }
+                    };
                 }
                 Outgoing::Close(code, reason) => {
                     let _ = sink
@@ -81,9 +102,6 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
                         .await;
                     break;
                 }
-            };
-            if result.is_err() {
-                break;
             }
         }
         let _ = sink.close().await;
@@ -113,7 +131,7 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
                         Err(e) => vec![ServerFrame::error(ErrorScope::Connection, ErrorCode::for_decode_error(&e), e.to_string())],
                     };
                     for frame in frames {
-                        if out_tx.send(Outgoing::Frame(frame)).await.is_err() {
+                        if out_tx.send(Outgoing::frame(&frame)).await.is_err() {
                             break;
                         }
                     }
@@ -126,7 +144,7 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
                 }
                 Some(Ok(Message::Text(_))) => {
                     let frame = ServerFrame::error(ErrorScope::Connection, ErrorCode::MalformedFrame, "frames are binary WebSocket messages");
-                    let _ = out_tx.send(Outgoing::Frame(frame)).await;
+                    let _ = out_tx.send(Outgoing::frame(&frame)).await;
                 }
                 Some(Ok(Message::Close(_))) | None => break None,
                 Some(Ok(_)) => {} // ping/pong are answered by tungstenite
@@ -194,7 +212,7 @@ async fn deliver(node: Arc<Node>, mailbox: MailboxId, out: mpsc::Sender<Outgoing
                 server_time: record.server_time,
                 envelope: record.envelope,
             };
-            if out.send(Outgoing::Frame(frame)).await.is_err() {
+            if out.send(Outgoing::frame(&frame)).await.is_err() {
                 return;
             }
             node.metrics.envelopes_delivered.fetch_add(1, Relaxed);
