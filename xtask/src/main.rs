@@ -5,9 +5,11 @@
 //! - `bench-sign`: sign + verify of a 200 MB tree against the minisign CLI, same run;
 //! - `wasm`: chat_core.wasm and its JS glue for the browser;
 //! - `bench-wasm`: chat-core natively (criterion) against the same operations in wasm (Node.js);
-//! - `bench-cluster`: `chatctl up` against Docker Compose, and cross-instance delivery latency.
+//! - `bench-cluster`: `chatctl up` against Docker Compose, and cross-instance delivery latency;
+//! - `bench-peers`: chat-server beside NATS, ejabberd and a bare relay, same load generator.
 
 mod bench_cluster;
+mod bench_peers;
 mod bench_sign;
 mod bench_wasm;
 mod wasm;
@@ -47,6 +49,7 @@ fn run() -> Result<()> {
         Some("bench-sign") => bench_sign::run(&args[1..]),
         Some("wasm") => wasm::run(&args[1..]),
         Some("bench-wasm") => bench_wasm::run(&args[1..]),
+        Some("bench-peers") => bench_peers::run(&args[1..]),
         Some("bench-cluster") => bench_cluster::run(&args[1..]),
         _ => {
             eprintln!(
@@ -57,7 +60,8 @@ fn run() -> Result<()> {
                  bench-sign   chatctl sign/verify of a 200 MB tree vs minisign -S/-V (--size-mb N)\n  \
                  wasm         build chat_core.wasm + chat_core.js into --out DIR\n  \
                  bench-wasm   chat-core natively vs in wasm under Node.js; writes docs/BENCHMARKS.md\n  \
-                 bench-cluster  chatctl up vs docker compose, cross-instance latency (--runs N)"
+                 bench-cluster  chatctl up vs docker compose, cross-instance latency (--runs N)\n  \
+                 bench-peers  chat-server vs NATS, ejabberd and a bare relay; writes docs/BENCHMARKS.md"
             );
             bail!("unknown or missing task");
         }

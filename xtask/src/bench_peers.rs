@@ -1,0 +1,817 @@
+//! `cargo xtask bench-peers [--duration 5s] [--idle 10000] [--pairs 16] [--members 8]`: chat-server
+//! beside the systems users would pick instead, measured by the same load generator
+//! (`chatctl bench --peer ...`) in one run, and the bare relay that is the limit.
+//!
+//! Installs what is missing (Debian `nats-server`, `ejabberd`), builds chatctl and chat-server
+//! in release mode, starts on loopback: chat-server with plain HTTP and with TLS (embedded
+//! store, every envelope committed with fsync before its ack), nats-server with a WebSocket
+//! listener, ejabberd with a WebSocket listener (no shaper, in-band registration), and
+//! `chatctl bench relay`. Every process runs with RLIMIT_NOFILE raised to the hard limit. Runs
+//! pairs (max, 50% and 90% of max), group, idle and connect against each and rewrites the
+//! `bench-peers` section of docs/BENCHMARKS.md.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::bench_sign::rewrite_section;
+use crate::{status, workspace_root};
+
+const START: &str = "<!-- bench-peers:start -->";
+const END: &str = "<!-- bench-peers:end -->";
+
+const CHAT_PLAIN: &str = "127.0.0.1:19080";
+const CHAT_TLS: &str = "localhost:19443";
+const NATS_WS: &str = "127.0.0.1:19222";
+const XMPP_WS: &str = "127.0.0.1:19290";
+const RELAY_WS: &str = "127.0.0.1:19700";
+const EJABBERD_NODE: &str = "chatapp_bench@localhost";
+
+struct Options {
+    duration: String,
+    idle: usize,
+    pairs: usize,
+    members: usize,
+}
+
+/// One system under test: how `chatctl bench` reaches it.
+struct System {
+    label: &'static str,
+    /// `chatctl bench` arguments before the scenario.
+    args: Vec<String>,
+    pid: u32,
+}
+
+/// The figures of one `chatctl bench --json` run.
+#[derive(Debug, Clone, Default)]
+struct Run {
+    command: String,
+    sent: f64,
+    delivered: f64,
+    msgs_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    rss_per_connection: Option<f64>,
+    load: f64,
+}
+
+#[derive(Default)]
+struct Results {
+    max: Run,
+    at50: Run,
+    at90: Run,
+    group: Run,
+    idle: Run,
+    connect: Run,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut opts = Options {
+        duration: "5s".into(),
+        idle: 10_000,
+        pairs: 16,
+        members: 8,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--duration" => opts.duration = value()?.clone(),
+            "--idle" => opts.idle = value()?.parse()?,
+            "--pairs" => opts.pairs = value()?.parse()?,
+            "--members" => opts.members = value()?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let started = Instant::now();
+    install_peers()?;
+    let root = workspace_root();
+    status(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "chatctl",
+                "--package",
+                "chat-server",
+            ]),
+    )?;
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"))
+        .join("release");
+    let chatctl = target.join("chatctl");
+    let server = target.join("chat-server");
+
+    let work = std::env::temp_dir().join(format!("chatapp-bench-peers-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let mut peers = Peers::default();
+    let result = measure(&opts, &work, &chatctl, &server, &mut peers, started);
+    peers.stop(&work);
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
+/// The processes this run started; stopped (by pid) whatever happens.
+#[derive(Default)]
+struct Peers {
+    children: Vec<Child>,
+    ejabberd: bool,
+}
+
+impl Peers {
+    fn stop(&mut self, work: &Path) {
+        if self.ejabberd {
+            let _ = Command::new("ejabberdctl")
+                .args(ejabberdctl_base(work))
+                .arg("stop")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn install_peers() -> Result<()> {
+    let missing: Vec<&str> = [("nats-server", "nats-server"), ("ejabberdctl", "ejabberd")]
+        .into_iter()
+        .filter(|(program, _)| !crate::have(program))
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    status(
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("cannot install {}", missing.join(" ")))
+}
+
+/// Runs `program args` with the file-descriptor limit raised to the hard limit.
+fn with_nofile(program: &Path, args: &[String]) -> Command {
+    let mut line = String::from("ulimit -n \"$(ulimit -Hn)\" && exec");
+    for a in std::iter::once(program.display().to_string()).chain(args.iter().cloned()) {
+        line.push_str(" '");
+        line.push_str(&a.replace('\'', "'\\''"));
+        line.push('\'');
+    }
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &line]);
+    cmd
+}
+
+fn spawn_logged(peers: &mut Peers, mut cmd: Command, log: &Path) -> Result<u32> {
+    let file = fs::File::create(log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let pid = child.id();
+    peers.children.push(child);
+    Ok(pid)
+}
+
+fn wait_for_port(addr: &str, what: &str, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let resolved = addr.replace("localhost", "127.0.0.1");
+    while Instant::now() < deadline {
+        if TcpStream::connect(&resolved).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!(
+        "{what} did not listen on {addr} within 60 s; its log, {}:\n{}",
+        log.display(),
+        fs::read_to_string(log).unwrap_or_default()
+    )
+}
+
+fn ejabberdctl_base(work: &Path) -> Vec<String> {
+    let dir = work.join("ejabberd");
+    vec![
+        "--config-dir".into(),
+        dir.display().to_string(),
+        "--spool".into(),
+        dir.join("spool").display().to_string(),
+        "--logs".into(),
+        dir.join("logs").display().to_string(),
+        "--node".into(),
+        EJABBERD_NODE.into(),
+    ]
+}
+
+fn ejabberd_config() -> String {
+    let port = XMPP_WS.rsplit(':').next().unwrap_or("19290");
+    format!(
+        "loglevel: warning\n\
+         hosts:\n  - localhost\n\
+         listen:\n  -\n    port: {port}\n    ip: \"127.0.0.1\"\n    backlog: 4096\n    module: ejabberd_http\n    request_handlers:\n      /ws: ejabberd_http_ws\n\
+         auth_method: internal\n\
+         auth_password_format: plain\n\
+         registration_timeout: infinity\n\
+         acl:\n  local:\n    user_regexp: \"\"\n\
+         access_rules:\n  local:\n    allow: local\n  c2s:\n    allow: all\n  register:\n    allow: all\n\
+         shaper_rules:\n  max_user_sessions: infinity\n  max_user_offline_messages: infinity\n  c2s_shaper: none\n\
+         modules:\n  mod_register:\n    access: register\n    ip_access: all\n  mod_offline: {{}}\n  mod_stream_mgmt: {{}}\n  mod_ping: {{}}\n"
+    )
+}
+
+fn start_peers(
+    work: &Path,
+    chatctl: &Path,
+    server: &Path,
+    peers: &mut Peers,
+) -> Result<Vec<System>> {
+    let s = |p: &Path| p.display().to_string();
+    let quiet = |cmd: &mut Command| -> Result<()> {
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
+        if !out.status.success() {
+            bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    quiet(Command::new(chatctl).current_dir(work).args([
+        "keys",
+        "init",
+        "--dir",
+        "keys",
+        "--unencrypted",
+    ]))?;
+    fs::write(
+        work.join("server.toml"),
+        "[limits]\nregistrations_per_minute = 1000000\nmax_connections = 30000\nmax_mailbox_depth = 1000000\n",
+    )?;
+    let keys = work.join("keys");
+    let chat_common = |dir: &str, listen: &str| {
+        vec![
+            "serve".to_owned(),
+            "--listen".into(),
+            listen.replace("localhost", "127.0.0.1"),
+            "--data".into(),
+            s(&work.join(dir)),
+            "--keys".into(),
+            s(&keys),
+            "--config".into(),
+            s(&work.join("server.toml")),
+        ]
+    };
+    let mut plain_args = chat_common("data-plain", CHAT_PLAIN);
+    plain_args.push("--plain-http".into());
+    let log = work.join("chat-plain.log");
+    let plain_pid = spawn_logged(peers, with_nofile(server, &plain_args), &log)?;
+    wait_for_port(CHAT_PLAIN, "chat-server (plain)", &log)?;
+    let log = work.join("chat-tls.log");
+    let tls_pid = spawn_logged(
+        peers,
+        with_nofile(server, &chat_common("data-tls", CHAT_TLS)),
+        &log,
+    )?;
+    wait_for_port(CHAT_TLS, "chat-server (TLS)", &log)?;
+
+    let (nats_host, nats_port) = NATS_WS.split_once(':').unwrap_or(("127.0.0.1", "19222"));
+    fs::write(
+        work.join("nats.conf"),
+        format!(
+            "host: 127.0.0.1\nport: 14222\nmax_connections: 100000\nwebsocket {{\n  host: {nats_host}\n  port: {nats_port}\n  no_tls: true\n}}\n"
+        ),
+    )?;
+    let log = work.join("nats.log");
+    let nats_pid = spawn_logged(
+        peers,
+        with_nofile(
+            Path::new("nats-server"),
+            &["-c".into(), s(&work.join("nats.conf"))],
+        ),
+        &log,
+    )?;
+    wait_for_port(NATS_WS, "nats-server", &log)?;
+
+    let relay_args = vec![
+        "bench".into(),
+        "relay".into(),
+        "--listen".into(),
+        RELAY_WS.into(),
+    ];
+    let log = work.join("relay.log");
+    let relay_pid = spawn_logged(peers, with_nofile(chatctl, &relay_args), &log)?;
+    wait_for_port(RELAY_WS, "chatctl bench relay", &log)?;
+
+    // ejabberd runs as its own user (ejabberdctl switches to it), from a private config dir.
+    let ej = work.join("ejabberd");
+    fs::create_dir_all(ej.join("spool"))?;
+    fs::create_dir_all(ej.join("logs"))?;
+    fs::write(ej.join("ejabberd.yml"), ejabberd_config())?;
+    fs::write(
+        ej.join("ejabberdctl.cfg"),
+        format!(
+            "ERL_MAX_PORTS=65536\nEJABBERD_CONFIG_PATH={}\n",
+            s(&ej.join("ejabberd.yml"))
+        ),
+    )?;
+    if Path::new("/etc/ejabberd/inetrc").exists() {
+        fs::copy("/etc/ejabberd/inetrc", ej.join("inetrc"))?;
+    }
+    status(Command::new("chmod").args(["755", &s(work)]))?;
+    status(Command::new("chown").args(["-R", "ejabberd", &s(&ej)]))?;
+    let mut ejabberd_args = ejabberdctl_base(work);
+    ejabberd_args.push("foreground".into());
+    let log = work.join("ejabberd.log");
+    spawn_logged(
+        peers,
+        with_nofile(Path::new("ejabberdctl"), &ejabberd_args),
+        &log,
+    )?;
+    peers.ejabberd = true;
+    wait_for_port(XMPP_WS, "ejabberd", &log)?;
+    let out = Command::new("pgrep")
+        .args(["-n", "-f", &format!("beam.*{EJABBERD_NODE}")])
+        .output()?;
+    let ejabberd_pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("cannot find the pid of ejabberd's beam.smp")?;
+
+    let chat = |url: &str| {
+        vec![
+            "--server".to_owned(),
+            url.to_owned(),
+            "--ca".into(),
+            s(&keys.join("tls/ca.pem")),
+            "--directory-key".into(),
+            s(&keys.join("directory.pub")),
+        ]
+    };
+    let peer = |name: &str, url: String| {
+        vec!["--peer".to_owned(), name.to_owned(), "--server".into(), url]
+    };
+    Ok(vec![
+        System {
+            label: "chat-server, e2e, plain WS",
+            args: chat(&format!("http://{CHAT_PLAIN}")),
+            pid: plain_pid,
+        },
+        System {
+            label: "chat-server, e2e, TLS",
+            args: chat(&format!("https://{CHAT_TLS}")),
+            pid: tls_pid,
+        },
+        System {
+            label: "NATS core (WS)",
+            args: peer("nats", format!("ws://{NATS_WS}")),
+            pid: nats_pid,
+        },
+        System {
+            label: "ejabberd (XMPP over WS)",
+            args: peer("xmpp", format!("ws://{XMPP_WS}/ws")),
+            pid: ejabberd_pid,
+        },
+        System {
+            label: "bare relay (limit)",
+            args: peer("relay", format!("ws://{RELAY_WS}")),
+            pid: relay_pid,
+        },
+    ])
+}
+
+/// Runs one `chatctl bench --json`; the command line is kept for the table.
+fn bench(chatctl: &Path, system: &System, common: &[&str], scenario: &[String]) -> Result<Run> {
+    let mut args: Vec<String> = system.args.clone();
+    args.extend(common.iter().map(|s| s.to_string()));
+    args.push("--json".into());
+    args.extend(scenario.iter().cloned());
+    let command = format!(
+        "chatctl bench {}",
+        args.iter()
+            .filter(|a| !a.starts_with('/')
+                && !a.contains("--ca")
+                && !a.contains("--directory-key"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    eprintln!("xtask: {command}");
+    let out = with_nofile(chatctl, &args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {command}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
+    if json.is_empty() {
+        bail!("{command} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let num = |k: &str| json_number(json, k);
+    let run = Run {
+        command,
+        sent: num("sent").unwrap_or_default(),
+        delivered: num("delivered").unwrap_or_default(),
+        msgs_per_sec: num("msgs_per_sec").unwrap_or_default(),
+        p50_ms: num("p50_ms").unwrap_or_default(),
+        p99_ms: num("p99_ms").unwrap_or_default(),
+        rss_per_connection: num("rss_per_connection"),
+        load: num("load_average").unwrap_or_default(),
+    };
+    eprintln!(
+        "xtask:   {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, sent {} delivered {}{} (load {:.2})",
+        run.msgs_per_sec,
+        run.p50_ms,
+        run.p99_ms,
+        run.sent,
+        run.delivered,
+        run.rss_per_connection
+            .map(|r| format!(", {:.1} KiB/conn", r / 1024.0))
+            .unwrap_or_default(),
+        run.load
+    );
+    Ok(run)
+}
+
+/// A number field of a flat JSON object (`"key":1.5`); `None` if absent or null.
+fn json_number(json: &str, key: &str) -> Option<f64> {
+    let pattern = format!("\"{key}\":");
+    let start = json.find(&pattern)? + pattern.len();
+    let rest = &json[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+fn measure(
+    opts: &Options,
+    work: &Path,
+    chatctl: &Path,
+    server: &Path,
+    peers: &mut Peers,
+    started: Instant,
+) -> Result<()> {
+    let systems = start_peers(work, chatctl, server, peers)?;
+    let load_start = crate_load();
+    let common = ["--duration", opts.duration.as_str()];
+    let pairs = vec!["pairs".to_owned(), "--pairs".into(), opts.pairs.to_string()];
+    let mut results = Vec::new();
+    for system in &systems {
+        let mut r = Results {
+            max: bench(chatctl, system, &common, &pairs)?,
+            ..Results::default()
+        };
+        for (fraction, slot) in [(0.5, &mut r.at50), (0.9, &mut r.at90)] {
+            let mut scenario = pairs.clone();
+            scenario.extend([
+                "--rate".into(),
+                format!("{:.0}", r.max.msgs_per_sec * fraction),
+            ]);
+            *slot = bench(chatctl, system, &common, &scenario)?;
+        }
+        r.group = bench(
+            chatctl,
+            system,
+            &common,
+            &["group".into(), "--members".into(), opts.members.to_string()],
+        )?;
+        r.idle = bench(
+            chatctl,
+            system,
+            &[],
+            &[
+                "--server-pid".into(),
+                system.pid.to_string(),
+                "idle".into(),
+                "--connections".into(),
+                opts.idle.to_string(),
+            ],
+        )?;
+        r.connect = bench(chatctl, system, &common, &["connect".into()])?;
+        results.push(r);
+    }
+    let raw = bench(chatctl, &systems[0], &common, &{
+        let mut p = pairs.clone();
+        p.insert(0, "--raw".into());
+        p
+    })?;
+    let section = render(
+        opts,
+        &systems,
+        &results,
+        &raw,
+        load_start,
+        crate_load(),
+        started.elapsed(),
+    );
+    println!("{section}");
+    rewrite_section(
+        &workspace_root().join("docs/BENCHMARKS.md"),
+        START,
+        END,
+        &section,
+    )
+}
+
+fn crate_load() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_default()
+}
+
+/// Peers the ratios are taken against: NATS, ejabberd, the relay (indices into `systems`).
+const REFERENCES: [(usize, &str); 3] = [(2, "NATS"), (3, "ejabberd"), (4, "relay")];
+
+fn ratio_cells(value: f64, all: &[f64]) -> String {
+    REFERENCES
+        .iter()
+        .map(|(i, _)| match all.get(*i) {
+            Some(r) if *r > 0.0 => format!(" {:.2}x |", value / r),
+            _ => " – |".into(),
+        })
+        .collect()
+}
+
+fn ratio_header() -> (String, String) {
+    let names: String = REFERENCES
+        .iter()
+        .map(|(_, n)| format!(" ÷ {n} |"))
+        .collect();
+    let rule: String = REFERENCES.iter().map(|_| "---|").collect();
+    (names, rule)
+}
+
+fn render(
+    opts: &Options,
+    systems: &[System],
+    results: &[Results],
+    raw: &Run,
+    load_start: f64,
+    load_end: f64,
+    took: Duration,
+) -> String {
+    let (names, rule) = ratio_header();
+    let mut md = String::new();
+    let _ = writeln!(md, "{START}");
+    let _ = writeln!(
+        md,
+        "Command: `cargo xtask bench-peers --duration {} --idle {} --pairs {} --members {}` \
+         ({:.0} s in all; load average {load_start:.2} at the start, {load_end:.2} at the end; \
+         2 shared cores, every server and the load generator on the same machine, loopback). \
+         Short runs ({} per point): treat differences under ~15% as noise. Every row is one \
+         `chatctl bench --json` run; the load generator, payloads (256 bytes) and window \
+         ({} pairs, 16 undelivered messages per sender) are the same for every system. \
+         Ratios are row ÷ column (higher is better for rates, lower for latency and memory).",
+        opts.duration,
+        opts.idle,
+        opts.pairs,
+        opts.members,
+        took.as_secs_f64(),
+        opts.duration,
+        opts.pairs,
+    );
+    let col = |f: &dyn Fn(&Results) -> f64| results.iter().map(f).collect::<Vec<_>>();
+
+    let _ = writeln!(
+        md,
+        "\n**1:1 throughput** (`pairs --pairs {}`, as fast as the window allows)\n",
+        opts.pairs
+    );
+    let _ = writeln!(md, "| system | msgs/s | sent = delivered | load |{names}");
+    let _ = writeln!(md, "|---|---|---|---|{rule}");
+    let all = col(&|r| r.max.msgs_per_sec);
+    for (s, r) in systems.iter().zip(results) {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {} | {:.2} |{}",
+            s.label,
+            r.max.msgs_per_sec,
+            same(&r.max),
+            r.max.load,
+            ratio_cells(r.max.msgs_per_sec, &all)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| chat-server, `--raw` (no e2e), plain WS | {:.0} | {} | {:.2} |{}",
+        raw.msgs_per_sec,
+        same(raw),
+        raw.load,
+        ratio_cells(raw.msgs_per_sec, &all)
+    );
+
+    let _ = writeln!(
+        md,
+        "\n**Send-to-deliver latency at 50% and 90% of each system's maximum** (`pairs --rate R`)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| system | rate 50% | p50 ms | p99 ms | rate 90% | p50 ms | p99 ms | sent = delivered |{}",
+        names.replace(" |", " (p99 at 50%) |")
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|{rule}");
+    let all = col(&|r| r.at50.p99_ms);
+    for (s, r) in systems.iter().zip(results) {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} |{}",
+            s.label,
+            r.at50.msgs_per_sec,
+            r.at50.p50_ms,
+            r.at50.p99_ms,
+            r.at90.msgs_per_sec,
+            r.at90.p50_ms,
+            r.at90.p99_ms,
+            if same(&r.at50) == "yes" && same(&r.at90) == "yes" {
+                "yes"
+            } else {
+                "**no**"
+            },
+            ratio_cells(r.at50.p99_ms, &all)
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n**Group fan-out** (`group --members {}`: one sender; chat, ejabberd and the relay send one \
+         message per member, NATS publishes once to a subject every member subscribes to)\n",
+        opts.members
+    );
+    let _ = writeln!(
+        md,
+        "| system | deliveries/s | p50 ms | p99 ms | sent = delivered |{names}"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|{rule}");
+    let all = col(&|r| r.group.msgs_per_sec);
+    for (s, r) in systems.iter().zip(results) {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.2} | {:.2} | {} |{}",
+            s.label,
+            r.group.msgs_per_sec,
+            r.group.p50_ms,
+            r.group.p99_ms,
+            same(&r.group),
+            ratio_cells(r.group.msgs_per_sec, &all)
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n**Idle connections** (`idle --connections {}`: logged-in sockets of one user; server RSS \
+         from /proc before and after, 2 s after the last one opened)\n",
+        opts.idle
+    );
+    let _ = writeln!(md, "| system | opened | RSS per connection | load |{names}");
+    let _ = writeln!(md, "|---|---|---|---|{rule}");
+    let all = col(&|r| r.idle.rss_per_connection.unwrap_or_default());
+    for (s, r) in systems.iter().zip(results) {
+        let rss = r.idle.rss_per_connection.unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} of {:.0} | {:.1} KiB | {:.2} |{}",
+            s.label,
+            r.idle.delivered,
+            r.idle.sent,
+            rss / 1024.0,
+            r.idle.load,
+            ratio_cells(rss, &all)
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n**New connection + login** (`connect`, 4 at a time)\n"
+    );
+    let _ = writeln!(md, "| system | per second | p50 ms | p99 ms |{names}");
+    let _ = writeln!(md, "|---|---|---|---|{rule}");
+    let all = col(&|r| r.connect.msgs_per_sec);
+    for (s, r) in systems.iter().zip(results) {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.2} | {:.2} |{}",
+            s.label,
+            r.connect.msgs_per_sec,
+            r.connect.p50_ms,
+            r.connect.p99_ms,
+            ratio_cells(r.connect.msgs_per_sec, &all)
+        );
+    }
+
+    // Targets of issue #8, judged on the plain-WebSocket chat row (the peers run without TLS).
+    let chat = &results[0];
+    let tls = &results[1];
+    let (nats, ejabberd) = (&results[2], &results[3]);
+    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+    let all_runs = results
+        .iter()
+        .flat_map(|r| [&r.max, &r.at50, &r.at90, &r.group])
+        .chain([raw]);
+    let lossless = all_runs.clone().all(|r| same(r) == "yes");
+    let _ = writeln!(
+        md,
+        "\n**Targets** (chat-server row with plain WS unless stated)\n"
+    );
+    let _ = writeln!(md, "| target | measured | |\n|---|---|---|");
+    let vs_nats = chat.max.msgs_per_sec / nats.max.msgs_per_sec.max(1e-9);
+    let vs_ej = chat.max.msgs_per_sec / ejabberd.max.msgs_per_sec.max(1e-9);
+    let _ = writeln!(
+        md,
+        "| throughput ≥ 0.5x NATS core over WS | {vs_nats:.2}x | {} |",
+        verdict(vs_nats >= 0.5)
+    );
+    let _ = writeln!(
+        md,
+        "| throughput ≥ 5x ejabberd | {vs_ej:.2}x | {} |",
+        verdict(vs_ej >= 5.0)
+    );
+    let _ = writeln!(
+        md,
+        "| p99 ≤ 5 ms at 50% of max | {:.2} ms at {:.0}/s (TLS: {:.2} ms) | {} |",
+        chat.at50.p99_ms,
+        chat.at50.msgs_per_sec,
+        tls.at50.p99_ms,
+        verdict(chat.at50.p99_ms <= 5.0)
+    );
+    let plain_kib = chat.idle.rss_per_connection.unwrap_or(f64::MAX) / 1024.0;
+    let tls_kib = tls.idle.rss_per_connection.unwrap_or(f64::MAX) / 1024.0;
+    let _ = writeln!(
+        md,
+        "| ≤ 8 KiB per idle plaintext WebSocket | {plain_kib:.1} KiB | {} |",
+        verdict(plain_kib <= 8.0)
+    );
+    let _ = writeln!(
+        md,
+        "| ≤ 16 KiB per idle TLS WebSocket | {tls_kib:.1} KiB | {} |",
+        verdict(tls_kib <= 16.0)
+    );
+    let opened = chat.idle.delivered.min(tls.idle.delivered);
+    let _ = writeln!(
+        md,
+        "| 10k idle connections per instance | {opened:.0} (plain and TLS) | {} |",
+        verdict(opened >= 10_000.0)
+    );
+    let _ = writeln!(
+        md,
+        "| no message lost (sent = delivered, every run) | {} | {} |",
+        if lossless { "yes" } else { "no" },
+        verdict(lossless)
+    );
+
+    let _ = writeln!(md, "\n<details><summary>Commands of this run</summary>\n");
+    for (s, r) in systems.iter().zip(results) {
+        let _ = writeln!(md, "- {}:", s.label);
+        for run in [&r.max, &r.at50, &r.at90, &r.group, &r.idle, &r.connect] {
+            let _ = writeln!(md, "  - `{}`", run.command);
+        }
+    }
+    let _ = writeln!(md, "- `{}`", raw.command);
+    let _ = writeln!(md, "\n</details>");
+    let _ = write!(md, "{END}");
+    md
+}
+
+fn same(r: &Run) -> &'static str {
+    if r.sent == r.delivered && r.sent > 0.0 {
+        "yes"
+    } else {
+        "**no**"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_numbers_of_flat_json() {
+        let json =
+            r#"{"scenario":"idle","sent":10,"p99_ms":1.5,"rate":null,"rss_per_connection":8192.0}"#;
+        assert_eq!(json_number(json, "sent"), Some(10.0));
+        assert_eq!(json_number(json, "p99_ms"), Some(1.5));
+        assert_eq!(json_number(json, "rate"), None);
+        assert_eq!(json_number(json, "rss_per_connection"), Some(8192.0));
+        assert_eq!(json_number(json, "missing"), None);
+    }
+}
