@@ -320,9 +320,19 @@ where
     Ok(sender.send_request(request).await?)
 }
 
-/// A refusal naming `url` and the release error's code.
+/// A refusal naming `url` and the release error's code (the URL already names the file).
 fn refused(url: &str, e: &ReleaseError) -> anyhow::Error {
-    Refused(format!("{url}: {e} [{}]", e.code())).into()
+    let text = e.to_string();
+    let reason = match e {
+        ReleaseError::FileMismatch { path }
+        | ReleaseError::SizeMismatch { path, .. }
+        | ReleaseError::MissingFile { path }
+        | ReleaseError::UnlistedFile { path } => {
+            text.strip_prefix(&format!("{path}: ")).unwrap_or(&text)
+        }
+        _ => &text,
+    };
+    Refused(format!("{url}: {reason} [{}]", e.code())).into()
 }
 
 /// Runs every check; the error is a [`Refused`] (exit 1) for anything the site got wrong.
