@@ -413,16 +413,26 @@ async fn sigterm_closes_with_reconnect_and_the_client_resumes_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_from_one_address_are_rate_limited() {
     let world = World::new().expect("world");
-    let mut conn = Connection::connect(&world.server.url(), &world.server.ca()).await.expect("connect");
+    let mut conn = Connection::connect(&world.server.url(), &world.server.ca())
+        .await
+        .expect("connect");
     let mut codes = Vec::new();
     for i in 0..11 {
         let keys = chat_core::identity::DeviceKeys::generate(&mut rand_core::OsRng);
-        conn.send(&register_frame(&format!("flood{i}"), &keys)).await.expect("send");
-        codes.push(match conn.next_frame(Duration::from_secs(5)).await.expect("answer") {
-            ServerFrame::Registered { .. } => None,
-            ServerFrame::Error { code, .. } => Some(code),
-            other => panic!("unexpected {}", other.name()),
-        });
+        conn.send(&register_frame(&format!("flood{i}"), &keys))
+            .await
+            .expect("send");
+        codes.push(
+            match conn
+                .next_frame(Duration::from_secs(5))
+                .await
+                .expect("answer")
+            {
+                ServerFrame::Registered { .. } => None,
+                ServerFrame::Error { code, .. } => Some(code),
+                other => panic!("unexpected {}", other.name()),
+            },
+        );
     }
     // The default limit is 10 per minute per address.
     assert!(codes[..10].iter().all(Option::is_none), "{codes:?}");

@@ -700,7 +700,11 @@ mod tests {
             max_replicas: 2,
             ..Policy::default()
         };
-        assert!(bad.validate().expect_err("refused").contains("max_replicas"));
+        assert!(
+            bad.validate()
+                .expect_err("refused")
+                .contains("max_replicas")
+        );
         assert!(Policy::default().validate().is_ok());
         let toml_text = "min_replicas = 2\nstabilization_secs = 5\n";
         let p: Policy = toml::from_str(toml_text).expect("toml");
