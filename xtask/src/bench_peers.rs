@@ -400,12 +400,13 @@ fn start_peers(
 
 /// Runs one `chatctl bench --json`; the command line is kept for the table.
 fn bench(chatctl: &Path, system: &System, common: &[&str], scenario: &[String]) -> Result<Run> {
-    let mut args: Vec<String> = system.args.clone();
+    let mut args: Vec<String> = vec!["bench".into()];
+    args.extend(system.args.iter().cloned());
     args.extend(common.iter().map(|s| s.to_string()));
     args.push("--json".into());
     args.extend(scenario.iter().cloned());
     let command = format!(
-        "chatctl bench {}",
+        "chatctl {}",
         args.iter()
             .filter(|a| !a.starts_with('/')
                 && !a.contains("--ca")
