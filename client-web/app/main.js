@@ -137,6 +137,8 @@ function upgradeState() {
   S.pending ??= [];
   S.latestHead ??= null;
   S.checkedHeads ??= [];
+  S.groups ??= {};
+  S.parked ??= [];
 }
 
 async function persist() {
@@ -272,7 +274,7 @@ async function drainPending() {
       const item = S.pending[0];
       const entry = (S.messages[item.peer] ?? []).find((m) => m.key === item.ref);
       try {
-        if (entry) await encryptText(item.peer, entry);
+        if (entry) await (isGroup(item.peer) ? encryptGroupText(item.peer, entry) : encryptText(item.peer, entry));
       } catch (e) {
         if (transient(e)) break;
         if (entry) { entry.state = 'failed'; entry.error = e.message; }
@@ -307,8 +309,9 @@ async function encryptText(peer, entry) {
   }
 }
 
-/// Encrypts `payload()` to one device of `peer`, after checking its keys against the directory.
-async function encryptTo(peer, device, payload) {
+/// Encrypts `payload()` to one device of `peer`, after checking its keys against the directory;
+/// `wrap` makes the envelope of the Double Ratchet message.
+async function encryptTo(peer, device, payload, wrap = wire.ratchetEnvelope) {
   const key = `${peer}.${device.deviceId}`;
   const leaf = await verifiedLeaf(peer, device.deviceId);
   pin(peer, device.deviceId, leaf.identity);
@@ -331,7 +334,7 @@ async function encryptTo(peer, device, payload) {
     // Built after the directory checks, so it carries the head those checks accepted.
     const message = core.sessionEncrypt(session, payload());
     S.sessions[key] = core.sessionEncode(session);
-    return wire.ratchetEnvelope(message);
+    return wrap(message);
   } finally {
     core.free(session);
   }
@@ -360,7 +363,7 @@ async function sendAcked(mid, error) {
   if (i < 0) return;
   if (error && RETRYABLE.has(error.code)) return; // resent after the next reconnect
   const [item] = S.outbox.splice(i, 1);
-  const entry = item.ref && (S.messages[item.to] ?? []).find((m) => m.key === item.ref);
+  const entry = item.ref && (S.messages[item.conv ?? item.to] ?? []).find((m) => m.key === item.ref);
   if (entry) {
     if (error) { entry.state = 'failed'; entry.error = error.message; }
     else {
@@ -380,8 +383,13 @@ async function deliver(f) {
   const origin = `${f.fromUser}.${f.fromDevice}.${wire.toHex(f.messageId)}`;
   if (f.seq > S.lastSeq && !S.seen.includes(origin)) {
     try {
-      const plaintext = await decrypt(f.fromUser, f.fromDevice, wire.decodeEnvelope(f.envelope));
-      if (plaintext) await handlePayload(f, wire.decodePayload(plaintext));
+      const envelope = wire.decodeEnvelope(f.envelope);
+      if (envelope.kind === 3) await receiveGroupMessage(f, envelope.groupId, envelope.message);
+      else {
+        const plaintext = await decrypt(f.fromUser, f.fromDevice, envelope.message);
+        if (plaintext && envelope.kind === 4) await receiveDistribution(f.fromUser, f.fromDevice, envelope.groupId, plaintext);
+        else if (plaintext) await handlePayload(f, wire.decodePayload(plaintext));
+      }
     } catch (e) {
       addMessage(f.fromUser, { key: origin, dir: 'system', text: `A message from ${f.fromUser} was refused: ${e.message}`, time: now() });
       if (e instanceof KeyProblem) alertBar(e.message, e.kind);
@@ -441,6 +449,8 @@ async function handlePayload(f, payload) {
       if (current === f.fromUser && document.visibilityState === 'visible') markRead(f.fromUser);
     }
     if (payload.head) await checkGossipedHead(f.fromUser, f.fromDevice, payload.head);
+  } else if (payload.type === 'group') {
+    await receiveControl(f.fromUser, payload);
   } else {
     const ids = new Set(payload.ids.map(wire.toHex));
     for (const entry of S.messages[f.fromUser] ?? []) {
@@ -562,6 +572,267 @@ function addMessage(peer, entry) {
   render();
 }
 
+// ---- groups: sender keys (PROTOCOL.md §12, "Groups in the browser app") ----
+//
+// A group's conversation key is `group:` + its id in hex (usernames cannot contain ':'). Members
+// are usernames; inside the sender-key state (chat-core GroupState) each member device is
+// `username.deviceId`. Control messages (create, add, remove: id, name, member list, version)
+// and sender keys (envelope kind 4) travel over the pairwise Double Ratchet sessions; a group
+// message is encrypted once with this device's sender key and sent as envelope kind 3 to every
+// member device (one Send each: the server has no group fan-out). Only the creator changes the
+// membership; every member rotates its sender key when someone is removed and hands the new one
+// to the remaining members only. Group members must be web devices.
+
+const GROUP_PREFIX = 'group:';
+const PARKED_CAP = 200;
+const isGroup = (conv) => conv.startsWith(GROUP_PREFIX);
+const groupOf = (conv) => S.groups[conv.slice(GROUP_PREFIX.length)];
+const ownMemberId = () => `${S.username}.${S.deviceId}`;
+const userOfMemberId = (id) => id.slice(0, id.lastIndexOf('.'));
+
+/// Runs `fn` on the group's sender-key state; the state is stored again only if `fn` succeeds.
+function withGroup(g, fn) {
+  const state = core.groupDecode(g.state);
+  try {
+    const out = fn(state);
+    g.state = core.groupEncode(state);
+    return out;
+  } finally {
+    core.free(state);
+  }
+}
+
+function groupSystem(g, text, alert) {
+  addMessage(GROUP_PREFIX + g.id, { key: wire.toHex(random16()), dir: 'system', alert: alert ?? null, info: !alert, text, time: now() });
+}
+
+function queueEnvelope(to, device, envelope, ref = null, conv = undefined) {
+  S.outbox.push({ mid: wire.toHex(random16()), to, device, envelope, ref, conv });
+}
+
+/// The web devices the server lists for `user` (their keys are checked when a session starts).
+async function webDevices(user) {
+  const bundle = await conn.request((id) => wire.fetchBundle(id, user), (f, id) => f.type === 'Bundle' && f.requestId === id);
+  return bundle.devices.filter((d) => d.deviceId >= wire.WEB_DEVICE_MIN);
+}
+
+/// Sends `control` (if any) to every web device of `user`, then this device's current sender
+/// key where that device does not have it yet (members only). Returns the devices.
+async function sendToMember(g, user, control) {
+  if (S.warnings[user]) throw new KeyProblem('changed', `Not sent to ${user}: their key changed. Compare the safety number first.`);
+  const devices = await webDevices(user);
+  const groupId = wire.fromHex(g.id);
+  for (const d of devices) {
+    if (control) queueEnvelope(user, d.deviceId, await encryptTo(user, d, () => control));
+    const key = `${user}.${d.deviceId}`;
+    if (!g.removed && g.members.includes(user) && g.sent[key] !== g.keyGen) {
+      const dist = withGroup(g, (st) => core.groupOwnDistribution(st));
+      queueEnvelope(user, d.deviceId, await encryptTo(user, d, () => dist, (m) => wire.distributionEnvelope(groupId, m)));
+      g.sent[key] = g.keyGen;
+    }
+  }
+  return devices;
+}
+
+/// `sendToMember` for each of `users`, noting (not throwing) who could not be reached.
+async function sendToMembers(g, users, control) {
+  for (const user of users) {
+    if (user === S.username) continue;
+    try {
+      await sendToMember(g, user, control);
+    } catch (e) {
+      if (transient(e)) throw e;
+      groupSystem(g, `Could not reach ${user}: ${e.message}`, 'unreachable');
+      if (e instanceof KeyProblem) alertBar(e.message, e.kind);
+    }
+  }
+}
+
+/// Forgets `user`'s sender keys and replaces this device's own (GroupState remove).
+function rotateWithout(g, user) {
+  withGroup(g, (st) => {
+    for (const id of g.peers.filter((p) => userOfMemberId(p) === user)) core.groupRemoveMember(st, id);
+    // Replace our key even when no key of `user` ever arrived: they may hold ours.
+    core.groupAddMember(st, user);
+    core.groupRemoveMember(st, user);
+  });
+  g.peers = g.peers.filter((p) => userOfMemberId(p) !== user);
+  g.keyGen += 1;
+}
+
+function newGroupRecord(id, name, admin, members, version) {
+  const state = core.groupNew(wire.fromHex(id), ownMemberId(), []);
+  try {
+    return { id, name, admin, members, version, keyGen: 1, sent: {}, peers: [], removed: false, state: core.groupEncode(state) };
+  } finally {
+    core.free(state);
+  }
+}
+
+const controlOf = (g, op, subject) => wire.groupControlPayload({
+  op, groupId: wire.fromHex(g.id), version: g.version, name: g.name, members: g.members, subject,
+});
+
+async function createGroup(name, usernames) {
+  const others = [...new Set(usernames)].filter((u) => u && u !== S.username);
+  if (!name || !others.length) throw new Error('a group needs a name and at least one other member');
+  const g = newGroupRecord(wire.toHex(random16()), name, S.username, [S.username, ...others], 1);
+  S.groups[g.id] = g;
+  const conv = GROUP_PREFIX + g.id;
+  if (!S.contacts.includes(conv)) S.contacts.push(conv);
+  groupSystem(g, `You created "${name}" with ${others.join(', ')}.`);
+  await sendToMembers(g, others, controlOf(g, wire.GROUP_OPS.create, ''));
+  await persist();
+  flushOutbox();
+  return conv;
+}
+
+async function addGroupMember(g, user) {
+  if (g.admin !== S.username || g.removed) throw new Error('only the creator changes the members');
+  if (g.members.includes(user)) return;
+  g.version += 1;
+  g.members = [...g.members, user];
+  groupSystem(g, `You added ${user}.`);
+  await sendToMembers(g, g.members, controlOf(g, wire.GROUP_OPS.add, user));
+  await persist();
+  flushOutbox();
+}
+
+async function removeGroupMember(g, user) {
+  if (g.admin !== S.username || g.removed) throw new Error('only the creator changes the members');
+  if (!g.members.includes(user) || user === S.username) return;
+  g.version += 1;
+  g.members = g.members.filter((m) => m !== user);
+  rotateWithout(g, user);
+  groupSystem(g, `You removed ${user}. Your sender key was replaced.`);
+  const control = controlOf(g, wire.GROUP_OPS.remove, user);
+  await sendToMembers(g, [user], control); // told, but given no new key
+  await sendToMembers(g, g.members, control);
+  await persist();
+  flushOutbox();
+}
+
+/// A control message from `from` (authenticated by the pairwise session).
+async function receiveControl(from, c) {
+  const id = wire.toHex(c.groupId);
+  let g = S.groups[id];
+  const me = S.username;
+  if (!g || (g.removed && c.members.includes(me) && from === g.admin && c.version > g.version)) {
+    if (!c.members.includes(me) || !c.members.includes(from) || c.op === wire.GROUP_OPS.remove) return;
+    g = newGroupRecord(id, c.name, g?.admin ?? from, c.members, c.version);
+    S.groups[id] = g;
+    const conv = GROUP_PREFIX + id;
+    if (!S.contacts.includes(conv)) S.contacts.push(conv);
+    groupSystem(g, `${from} added you to "${c.name}" (members: ${c.members.join(', ')}).`);
+    await sendToMembers(g, g.members, null);
+    for (const p of S.parked.filter((x) => x.groupId === id)) {
+      if (p.type === 'dist') await receiveDistribution(p.from, p.device, c.groupId, p.dist);
+      else await receiveGroupMessage(p.f, c.groupId, p.message);
+    }
+    S.parked = S.parked.filter((x) => x.groupId !== id);
+    flushOutbox();
+    return;
+  }
+  if (from !== g.admin) {
+    groupSystem(g, `${from} tried to change the members of "${g.name}" but only ${g.admin} can; ignored.`, 'refused');
+    return;
+  }
+  if (c.version <= g.version || g.removed) return; // old, replayed, or no longer ours
+  const before = g.members;
+  g.version = c.version;
+  g.name = c.name;
+  g.members = c.members;
+  if (!c.members.includes(me)) {
+    g.removed = true;
+    groupSystem(g, `${from} removed you from "${g.name}". You no longer receive its messages.`);
+    return;
+  }
+  for (const gone of before.filter((m) => !c.members.includes(m) && m !== me)) {
+    rotateWithout(g, gone);
+    groupSystem(g, `${from} removed ${gone}. Your sender key was replaced.`);
+  }
+  for (const added of c.members.filter((m) => !before.includes(m))) groupSystem(g, `${from} added ${added}.`);
+  await sendToMembers(g, g.members, null);
+  flushOutbox();
+}
+
+/// A sender key from `from`'s `device` (its pairwise session already authenticated it).
+async function receiveDistribution(from, device, groupId, dist) {
+  const id = wire.toHex(groupId);
+  const g = S.groups[id];
+  if (!g) {
+    S.parked.push({ type: 'dist', groupId: id, from, device, dist });
+    if (S.parked.length > PARKED_CAP) S.parked.splice(0, S.parked.length - PARKED_CAP);
+    return;
+  }
+  if (!g.members.includes(from) || g.removed) {
+    groupSystem(g, `A sender key from ${from}, who is not a member, was ignored.`, 'refused');
+    return;
+  }
+  const memberId = `${from}.${device}`;
+  withGroup(g, (st) => {
+    if (!g.peers.includes(memberId)) core.groupAddMember(st, memberId);
+    core.groupProcessDistribution(st, memberId, dist);
+  });
+  if (!g.peers.includes(memberId)) g.peers.push(memberId);
+}
+
+async function receiveGroupMessage(f, groupId, message) {
+  const id = wire.toHex(groupId);
+  const g = S.groups[id];
+  if (!g) {
+    const { fromUser, fromDevice, messageId } = f;
+    S.parked.push({ type: 'msg', groupId: id, f: { fromUser, fromDevice, messageId }, message });
+    if (S.parked.length > PARKED_CAP) S.parked.splice(0, S.parked.length - PARKED_CAP);
+    return;
+  }
+  let out;
+  try {
+    out = withGroup(g, (st) => core.groupDecrypt(st, message));
+  } catch (e) {
+    if (e.code === 'replay') return;
+    const why = g.removed ? ' You are no longer a member.' : '';
+    groupSystem(g, `A group message relayed by ${f.fromUser} could not be decrypted (${e.code ?? e.message}).${why}`, 'undecryptable');
+    return;
+  }
+  const sender = userOfMemberId(out.sender);
+  if (sender !== f.fromUser || !g.members.includes(sender)) {
+    groupSystem(g, `A group message signed by ${out.sender} but relayed by ${f.fromUser} was refused.`, 'refused');
+    return;
+  }
+  const payload = wire.decodePayload(out.plaintext);
+  if (payload.type !== 'text') return;
+  const conv = GROUP_PREFIX + id;
+  addMessage(conv, {
+    key: wire.toHex(f.messageId), dir: 'in', from: sender, text: payload.text, time: payload.sentAt,
+    fromDevice: f.fromDevice, mid: wire.toHex(f.messageId), read: true,
+  });
+}
+
+/// Encrypts a text once with this device's sender key and queues it for every member device.
+async function encryptGroupText(conv, entry) {
+  const g = groupOf(conv);
+  if (!g || g.removed) throw new Error('you are not a member of this group');
+  const targets = [];
+  for (const user of g.members) {
+    if (user === S.username) continue;
+    try {
+      for (const d of await sendToMember(g, user, null)) targets.push([user, d.deviceId]);
+    } catch (e) {
+      if (transient(e)) throw e;
+      groupSystem(g, `Not sent to ${user}: ${e.message}`, 'unreachable');
+    }
+  }
+  if (!targets.length) throw new Error('no member device to send to');
+  const message = withGroup(g, (st) => core.groupEncrypt(st, wire.groupTextPayload(entry.time, entry.text)));
+  const envelope = wire.groupEnvelope(wire.fromHex(g.id), message);
+  for (const [user, device] of targets) {
+    const mid = wire.toHex(random16());
+    entry.ids.push(mid);
+    S.outbox.push({ mid, to: user, device, envelope, ref: entry.key, conv });
+  }
+}
+
 // ---- safety numbers ----
 
 async function showSafety(peer) {
@@ -640,6 +911,14 @@ function showMain() {
       } },
       h('label', { for: 'contact' }, 'New conversation'),
       h('div', { class: 'row' }, h('input', { id: 'contact', name: 'contact', placeholder: 'username', autocomplete: 'off' }), h('button', { type: 'submit' }, 'Open'))),
+      h('details', { id: 'new-group-box' },
+        h('summary', {}, 'New group'),
+        h('form', { id: 'new-group', onsubmit: (e) => { e.preventDefault(); submitGroup(e.target); } },
+          h('label', { for: 'group-name' }, 'Group name'),
+          h('input', { id: 'group-name', name: 'name', required: true, maxlength: 64, autocomplete: 'off' }),
+          h('label', { for: 'group-members' }, 'Members (usernames, separated by commas or spaces)'),
+          h('input', { id: 'group-members', name: 'members', required: true, autocomplete: 'off' }),
+          h('button', { type: 'submit' }, 'Create group'))),
       h('nav', { 'aria-label': 'Conversations' }, h('ul', { id: 'contacts' }))),
     h('section', { id: 'conversation', class: 'conversation', 'aria-label': 'Conversation' },
       h('div', { id: 'alerts' }),
@@ -652,20 +931,47 @@ function showMain() {
   render();
 }
 
+function submitGroup(form) {
+  const name = form.name.value.trim();
+  const members = form.members.value.split(/[\s,]+/).map((m) => m.trim()).filter(Boolean);
+  serial(() => createGroup(name, members)).then((conv) => {
+    form.reset();
+    openConversation(conv);
+  }, (e) => alertBar(`Could not create the group: ${e.message}`, 'group'));
+}
+
+/// A group's header: name, members, and (for its creator) adding and removing members.
+function groupHeader(conv) {
+  const g = groupOf(conv);
+  const admin = g.admin === S.username && !g.removed;
+  const change = (fn, user) => serial(() => fn(g, user)).then(() => openConversation(conv), (e) => alertBar(e.message, 'group'));
+  return h('header', { class: 'conv-head group-head' },
+    h('div', {},
+      h('h2', { id: 'peer', dataset: { group: g.id } }, g.name),
+      h('ul', { id: 'group-members', class: 'members', 'aria-label': 'Members' }, ...g.members.map((m) => h('li', { dataset: { member: m } },
+        m === g.admin ? `${m} (creator)` : m,
+        admin && m !== S.username ? h('button', { type: 'button', class: 'remove', dataset: { remove: m }, 'aria-label': `Remove ${m}`, onclick: () => change(removeGroupMember, m) }, 'Remove') : null)))),
+    admin ? h('form', { id: 'group-add', class: 'row', onsubmit: (e) => { e.preventDefault(); const u = e.target.member.value.trim(); if (u) change(addGroupMember, u); } },
+      h('label', { for: 'group-add-member', class: 'visually-hidden' }, 'Add a member'),
+      h('input', { id: 'group-add-member', name: 'member', placeholder: 'add username', autocomplete: 'off' }),
+      h('button', { type: 'submit' }, 'Add')) : null);
+}
+
 function openConversation(peer) {
   current = peer;
   const section = $('#conversation');
   const alerts = $('#alerts');
+  const group = isGroup(peer) ? groupOf(peer) : null;
   section.replaceChildren(
     alerts,
-    h('header', { class: 'conv-head' },
+    group ? groupHeader(peer) : h('header', { class: 'conv-head' },
       h('h2', { id: 'peer' }, peer),
       h('button', { id: 'safety-button', type: 'button', onclick: () => showSafety(peer) }, 'Safety number')),
     h('div', { id: 'key-warning' }),
     h('ol', { id: 'messages', 'aria-live': 'polite' }),
     h('form', { id: 'composer', onsubmit: (e) => { e.preventDefault(); submitMessage(); } },
-      h('label', { for: 'message-input', class: 'visually-hidden' }, `Message to ${peer}`),
-      h('textarea', { id: 'message-input', rows: 2, placeholder: `Message ${peer}`, onkeydown: (e) => {
+      h('label', { for: 'message-input', class: 'visually-hidden' }, `Message to ${group ? group.name : peer}`),
+      h('textarea', { id: 'message-input', rows: 2, placeholder: `Message ${group ? group.name : peer}`, onkeydown: (e) => {
         if (e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); submitMessage(); }
       } }),
       h('button', { id: 'send', type: 'submit' }, 'Send')));
@@ -687,7 +993,7 @@ function renderWarning() {
   if (!box) return;
   const w = current && S.warnings[current];
   const send = $('#send');
-  if (send) send.disabled = !!w;
+  if (send) send.disabled = !!w || (!!current && isGroup(current) && !!groupOf(current)?.removed);
   box.replaceChildren(w ? h('div', { class: 'alert key-change', role: 'alert', dataset: { alert: 'changed' } },
     h('strong', {}, `${current}'s key has changed. `),
     'Messages stay blocked until you compare the safety number. ',
@@ -697,15 +1003,18 @@ function renderWarning() {
 function render() {
   const list = $('#contacts');
   if (!list) return;
-  list.replaceChildren(...S.contacts.map((c) => h('li', {}, h('button', {
-    type: 'button', class: c === current ? 'active' : '', dataset: { contact: c }, 'aria-current': c === current ? 'true' : null,
-    onclick: () => openConversation(c),
-  }, c, S.warnings[c] ? ' ⚠' : ''))));
+  list.replaceChildren(...S.contacts.map((c) => {
+    const g = isGroup(c) ? groupOf(c) : null;
+    return h('li', {}, h('button', {
+      type: 'button', class: c === current ? 'active' : '', dataset: { contact: c, group: g?.id ?? null }, 'aria-current': c === current ? 'true' : null,
+      onclick: () => openConversation(c),
+    }, g ? `# ${g.name}` : c, g?.removed ? ' (left)' : '', S.warnings[c] ? ' ⚠' : ''));
+  }));
   const ol = $('#messages');
   if (ol && current) {
     ol.replaceChildren(...(S.messages[current] ?? []).map((m) => h('li', {
-      class: `msg ${m.dir}`, dataset: { id: m.key, dir: m.dir, state: m.state ?? '', alert: m.alert ?? null },
-    }, h('span', { class: 'text' }, m.text), h('span', { class: 'meta' },
+      class: `msg ${m.dir}${m.info ? ' info' : ''}`, dataset: { id: m.key, dir: m.dir, state: m.state ?? '', alert: m.alert ?? null },
+    }, m.from ? h('span', { class: 'from' }, m.from) : null, h('span', { class: 'text' }, m.text), h('span', { class: 'meta' },
       new Date(m.time * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }),
       m.dir === 'out' ? ` · ${m.state}${m.error ? `: ${m.error}` : ''}` : ''))));
     ol.lastElementChild?.scrollIntoView({ block: 'end' });

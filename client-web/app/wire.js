@@ -152,18 +152,24 @@ export function decodeLeaf(bytes) {
   return leaf;
 }
 
-// ---- envelope (§9): the app sends kind 2 (RatchetMessage), like the native client ----
+// ---- envelope (§9): the app sends kind 2 (RatchetMessage) like the native client, and for
+// groups kind 3 (GroupMessage: a sender-key message) and kind 4 (SenderKeyDistribution: a
+// Double Ratchet message whose plaintext is the sender key) ----
 
 export const ratchetEnvelope = (message) => new Writer().u8(1).u8(2).bytes(message).done();
+export const groupEnvelope = (groupId, message) => new Writer().u8(1).u8(3).fixed(groupId, 16).bytes(message).done();
+export const distributionEnvelope = (groupId, message) => new Writer().u8(1).u8(4).fixed(groupId, 16).bytes(message).done();
 
+/// { kind: 2, message } or { kind: 3 | 4, groupId, message }.
 export function decodeEnvelope(bytes) {
   const r = new Reader(bytes);
   if (r.u8() !== 1) throw new WireError('envelope version');
   const kind = r.u8();
-  if (kind !== 2) throw new WireError(`unsupported envelope kind ${kind}`);
+  if (kind !== 2 && kind !== 3 && kind !== 4) throw new WireError(`unsupported envelope kind ${kind}`);
+  const groupId = kind === 2 ? null : r.fixed(16);
   const message = r.bytes(262144);
   r.finish();
-  return message;
+  return { kind, groupId, message };
 }
 
 // ---- payloads inside the encryption ----
@@ -172,6 +178,11 @@ export function decodeEnvelope(bytes) {
 //    "Message content": written here, like the native client)
 // 0x80: receipt [0x80][kind u8: 1 delivered, 2 read][count u32][count × message id (16)]
 //    sent only to web devices (device id >= 2^31), which understand it.
+// 0x81: group control [0x81][control version u8 = 1][op u8: 1 create, 2 add, 3 remove]
+//    [group id (16)][group version u64][name str<=256][members list<=256 of str<=64]
+//    [subject str<=64 (the member added or removed; empty for create)]  (PROTOCOL.md §12,
+//    "Groups in the browser app"), web devices only.
+// Inside a group message (kind 3) the plaintext is a version 1 text (no counter, no head).
 
 export const WEB_DEVICE_MIN = 0x80000000;
 /// Version 2: `counter` from 1 per (sender device, recipient device); `head` the sender's latest
@@ -187,6 +198,16 @@ export function receiptPayload(kind, ids) {
   return w.done();
 }
 
+export const GROUP_CONTROL_VERSION = 1;
+export const GROUP_OPS = { create: 1, add: 2, remove: 3 };
+export function groupControlPayload({ op, groupId, version, name, members, subject }) {
+  const w = new Writer().u8(0x81).u8(GROUP_CONTROL_VERSION).u8(op).fixed(groupId, 16).u64(version).str(name).u32(members.length);
+  for (const m of members) w.str(m);
+  return w.str(subject ?? '').done();
+}
+/// Version 1 text, the plaintext of a group message.
+export const groupTextPayload = (sentAt, text) => new Writer().u8(1).u64(sentAt).str(text).done();
+
 export function decodePayload(bytes) {
   const r = new Reader(bytes);
   const version = r.u8();
@@ -198,6 +219,15 @@ export function decodePayload(bytes) {
     const head = r.opt(() => r.bytes(512));
     out = { type: 'text', counter, sentAt, head, text: r.str(1 << 20) };
   } else if (version === 0x80) out = { type: 'receipt', kind: r.u8(), ids: r.list(1000, () => r.fixed(16)) };
+  else if (version === 0x81) {
+    if (r.u8() !== GROUP_CONTROL_VERSION) throw new WireError('group control version');
+    const op = r.u8();
+    if (op < 1 || op > 3) throw new WireError('group control op');
+    out = {
+      type: 'group', op, groupId: r.fixed(16), version: r.u64(), name: r.str(256),
+      members: r.list(256, () => r.str(64)), subject: r.str(64),
+    };
+  }
   else throw new WireError('payload version');
   r.finish();
   return out;

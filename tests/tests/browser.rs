@@ -1040,3 +1040,270 @@ async fn the_main_flow_works_with_the_keyboard_only_at_phone_width() {
         .await
         .expect("screenshot");
 }
+
+// ---- group conversations (sender keys over the pairwise sessions) ----
+
+/// Opens `site` in a tab of `browser` (already registered) and waits for the login.
+async fn logged_in<'a>(site: &Site, browser: &'a Browser) -> Page<'a> {
+    let page = browser.page().await.expect("page");
+    page.goto(&site.server.url()).await.expect("goto");
+    page.wait_logged_in().await.expect("login");
+    page
+}
+
+/// Creates the group `name` with `members` in `page`'s app and waits until it is open.
+async fn create_group(page: &Page<'_>, name: &str, members: &str) {
+    page.eval(&format!(
+        "document.querySelector('#new-group-box').open = true; \
+         document.querySelector('#group-name').value = {name:?}; \
+         document.querySelector('#group-members').value = {members:?}; \
+         document.querySelector('#new-group').requestSubmit(); true"
+    ))
+    .await
+    .expect("create group");
+    page.wait_for(&format!(
+        "document.querySelector('#peer[data-group]')?.textContent === {name:?}"
+    ))
+    .await
+    .expect("the group is open");
+}
+
+/// Waits until the group `name` is in `page`'s contact list, then opens it.
+async fn open_group(page: &Page<'_>, name: &str) {
+    page.wait_for(&format!(
+        "(() => {{ const b = [...document.querySelectorAll('#contacts button[data-group]')]\
+         .find(b => b.textContent.includes({name:?})); if (b) b.click(); return !!b; }})()"
+    ))
+    .await
+    .expect("the group appears in the contact list");
+    page.wait_for(&format!(
+        "document.querySelector('#peer[data-group]')?.textContent === {name:?}"
+    ))
+    .await
+    .expect("the group is open");
+}
+
+/// Waits for the incoming `text` in the open conversation and returns the sender it shows.
+async fn incoming_from(page: &Page<'_>, text: &str) -> String {
+    page.wait_incoming(text).await.expect("arrives");
+    let from = page
+        .eval(&format!(
+            "[...document.querySelectorAll('#messages li.in')]\
+             .find(l => l.querySelector('.text').textContent === {text:?})\
+             ?.querySelector('.from')?.textContent ?? null"
+        ))
+        .await
+        .expect("sender");
+    from.as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_profiles_in_a_group_each_message_reaches_both_others() {
+    let site = Site::new(None).expect("site");
+    let browsers = [
+        registered(&site, "alice").await,
+        registered(&site, "bob").await,
+        registered(&site, "carol").await,
+    ];
+    let alice = logged_in(&site, &browsers[0]).await;
+    let bob = logged_in(&site, &browsers[1]).await;
+    let carol = logged_in(&site, &browsers[2]).await;
+    create_group(&alice, "weekend", "bob, carol").await;
+    open_group(&bob, "weekend").await;
+    open_group(&carol, "weekend").await;
+    let members = bob
+        .eval("[...document.querySelectorAll('#group-members li')].map(l => l.dataset.member)")
+        .await
+        .expect("members");
+    assert_eq!(members, json!(["alice", "bob", "carol"]));
+
+    let pages = [("alice", &alice), ("bob", &bob), ("carol", &carol)];
+    for (sender, page) in pages {
+        let text = format!("{sender} to the group, marker 51c{}", sender.len());
+        page.send(&text).await.expect("send");
+        for (receiver, other) in pages {
+            if receiver != sender {
+                assert_eq!(
+                    incoming_from(other, &text).await,
+                    sender,
+                    "{receiver} shows the sender"
+                );
+            }
+        }
+        assert_eq!(
+            page.wait_state(&text, &["sent"]).await.expect("sent"),
+            "sent",
+            "every member device acknowledged"
+        );
+    }
+    for (name, page) in pages {
+        assert_eq!(
+            incoming_texts(page).await.len(),
+            2,
+            "{name} shows exactly the two others"
+        );
+        assert_eq!(alert_kinds(page).await, Vec::<String>::new(), "{name}");
+    }
+    alice
+        .screenshot(&out_dir("browser-screenshots").join("group.png"))
+        .await
+        .expect("screenshot");
+    for secret in ["to the group, marker", "weekend"] {
+        assert_eq!(
+            dir_contains(&site.server.data, secret.as_bytes()),
+            None,
+            "plaintext {secret:?} reached the server's data directory"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_group_member_cannot_read_later_messages() {
+    use chat_core::wire::ClientFrame;
+    use chatctl::client::{Client, ClientOptions};
+
+    // A curious server records every envelope: the one sent to a remaining member after the
+    // removal is then handed to the removed member as well, and must not decrypt.
+    let site = Site::new(Some("snoop")).expect("site");
+    let browsers = [
+        registered(&site, "alice").await,
+        registered(&site, "bob").await,
+        registered(&site, "carol").await,
+    ];
+    let alice = logged_in(&site, &browsers[0]).await;
+    let bob = logged_in(&site, &browsers[1]).await;
+    let carol = logged_in(&site, &browsers[2]).await;
+    create_group(&alice, "project", "bob carol").await;
+    open_group(&bob, "project").await;
+    open_group(&carol, "project").await;
+    alice.send("before the removal").await.expect("send");
+    bob.wait_incoming("before the removal").await.expect("bob");
+    carol
+        .wait_incoming("before the removal")
+        .await
+        .expect("carol");
+    carol.send("carol was here").await.expect("send");
+    alice.wait_incoming("carol was here").await.expect("alice");
+    bob.wait_incoming("carol was here").await.expect("bob");
+
+    alice
+        .eval("document.querySelector('#group-members [data-remove=carol]').click(); true")
+        .await
+        .expect("remove carol");
+    alice
+        .wait_for(
+            "[...document.querySelectorAll('#group-members li')].map(l => l.dataset.member).join() === 'alice,bob'",
+        )
+        .await
+        .expect("carol is gone from alice's list");
+    carol
+        .wait_for(
+            "[...document.querySelectorAll('#messages li.system')].some(l => l.textContent.includes('removed you'))",
+        )
+        .await
+        .expect("carol learns she was removed");
+    assert_eq!(
+        carol
+            .eval("document.querySelector('#send').disabled")
+            .await
+            .expect("send button"),
+        json!(true)
+    );
+    bob.wait_for(
+        "[...document.querySelectorAll('#messages li.system')].some(l => l.textContent.includes('alice removed carol'))",
+    )
+    .await
+    .expect("bob learns carol was removed");
+
+    alice
+        .send("after the removal, secret 9c1d")
+        .await
+        .expect("send");
+    assert_eq!(
+        incoming_from(&bob, "after the removal, secret 9c1d").await,
+        "alice"
+    );
+    bob.send("bob after the removal").await.expect("send");
+    alice
+        .wait_incoming("bob after the removal")
+        .await
+        .expect("alice");
+    assert_eq!(
+        alice
+            .wait_state("after the removal, secret 9c1d", &["sent"])
+            .await
+            .expect("sent"),
+        "sent"
+    );
+
+    // The server hands carol the group message it relayed to bob after the removal.
+    let snooped = std::fs::read_to_string(site.server.data.join("snooped")).expect("snooped");
+    let lines: Vec<(&str, u32, &str)> = snooped
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split(' ');
+            Some((it.next()?, it.next()?.parse().ok()?, it.next()?))
+        })
+        .collect();
+    let to_bob = lines
+        .iter()
+        .rev()
+        .find(|(to, _, env)| *to == "bob" && env.starts_with("0103"))
+        .expect("a group message (envelope kind 3) relayed to bob")
+        .2;
+    let carol_device = lines
+        .iter()
+        .find(|(to, _, _)| *to == "carol")
+        .expect("an envelope to carol")
+        .1;
+    // No group message went to carol after the removal: the last kind 3 to her is alice's first.
+    let to_carol_kind3 = lines
+        .iter()
+        .filter(|(to, _, env)| *to == "carol" && env.starts_with("0103"))
+        .count();
+    assert_eq!(
+        to_carol_kind3, 1,
+        "carol was sent group messages after her removal"
+    );
+    let home = site.work.path().join("mallory");
+    native_chat(&site, &home, &["register", "mallory"]).expect("native register");
+    let opts = ClientOptions {
+        server: format!("http://127.0.0.1:{}", site.server.port),
+        ca: site.keys.path().join("tls/ca.pem"),
+        home,
+        directory_key: site.keys.path().join("directory.pub"),
+    };
+    let mut mallory = Client::open(&opts, "mallory")
+        .await
+        .expect("mallory logs in");
+    let mut message_id = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut message_id);
+    mallory
+        .conn
+        .send(&ClientFrame::Send {
+            message_id,
+            to_user: "carol".into(),
+            to_device: carol_device,
+            envelope: hex::decode(to_bob).expect("hex"),
+        })
+        .await
+        .expect("relay to carol");
+    let event = carol
+        .wait_for("document.querySelector('#messages li[data-alert=undecryptable]')?.textContent")
+        .await
+        .expect("carol's app records an undecryptable group message");
+    assert!(
+        event
+            .as_str()
+            .unwrap_or_default()
+            .contains("unknown-sender"),
+        "{event}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let shown = incoming_texts(&carol).await;
+    assert_eq!(
+        shown,
+        vec!["before the removal"],
+        "carol shows only what was sent before"
+    );
+}
