@@ -627,6 +627,16 @@ fn a_killed_server_is_replaced_and_healthy_within_10s_with_nothing_lost() {
         project.events()
     );
     std::thread::sleep(Duration::from_secs(3));
+    let table = project.ok(&["status"]);
+    assert!(table.contains(&victim) && table.contains("heal"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&project.ok(&["status", "--json"])).expect("status --json");
+    assert_eq!(
+        json["instances"].as_array().map(Vec::len),
+        Some(4),
+        "{json}"
+    );
+    assert!(project.ok(&["top", "--count", "1"]).contains("NAME"));
     let tally = rt
         .block_on(traffic.finish(Duration::from_secs(15)))
         .expect("tally");
@@ -887,4 +897,55 @@ fn chaos_soak_kills_and_pauses_servers_under_load_and_loses_nothing() {
     let _ = std::fs::write(workspace_root().join("target/soak.json"), &report);
     assert!(!faults.is_empty());
     assert_nothing_lost(&tally);
+}
+
+/// No Docker here: the server's loopback-only drain closes sessions with 4001 in batches.
+#[test]
+fn a_gradual_drain_closes_sessions_with_4001_in_batches() {
+    let world = chat_tests::World::new().expect("server");
+    let rt = runtime();
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for i in 0..6 {
+            clients.push(
+                world
+                    .register(&format!("drain{i}"))
+                    .await
+                    .expect("register"),
+            );
+        }
+        let tls = chatctl::supervisor::observe::tls_connector(&world.server.ca()).expect("tls");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], world.server.port));
+        let started = Instant::now();
+        chatctl::supervisor::observe::https_get(
+            &tls,
+            addr,
+            "/admin/drain?batch=2&every_ms=400&delay_ms=0",
+        )
+        .await
+        .expect("drain accepted from loopback");
+        let ready = chatctl::supervisor::observe::https_get(&tls, addr, "/readyz").await;
+        assert!(ready.is_err(), "a draining server is not ready");
+        let mut closed_at = Vec::new();
+        for client in &mut clients {
+            // Frames queued since login (prekey status and the like) come first.
+            let err = loop {
+                match client.conn.next_frame(Duration::from_secs(10)).await {
+                    Ok(_) => continue,
+                    Err(e) => break e,
+                }
+            };
+            let closed = err
+                .downcast_ref::<chatctl::client::conn::Closed>()
+                .unwrap_or_else(|| panic!("not a close: {err:#}"));
+            assert_eq!(closed.code, Some(chat_core::wire::CloseCode::Reconnect));
+            closed_at.push(started.elapsed());
+        }
+        closed_at.sort();
+        eprintln!("closed at {closed_at:?}");
+        // 6 sessions, 2 per batch, 400 ms apart: the last close comes at least 800 ms later.
+        let first = closed_at.first().copied().unwrap_or_default();
+        let last = closed_at.last().copied().unwrap_or_default();
+        assert!(last - first >= Duration::from_millis(700), "{closed_at:?}");
+    });
 }

@@ -101,7 +101,7 @@ impl Observer {
         let docker = Docker::connect_with_local_defaults()
             .context("cannot reach the Docker engine (is DOCKER_HOST right?)")?
             .with_timeout(Duration::from_secs(30));
-        let tls = tokio_rustls::TlsConnector::from(crate::client::conn::tls_config(ca)?);
+        let tls = tls_connector(ca)?;
         let mut host = sysinfo::System::new().ok();
         if let Some(h) = host.as_mut() {
             h.refresh_cpu_usage();
@@ -186,6 +186,13 @@ impl Observer {
     async fn gateway_metrics(&self) -> Result<String> {
         https_get(&self.tls, self.gateway, "/gateway/metrics").await
     }
+}
+
+/// A TLS connector trusting the project CA `ca` (for [`https_get`]).
+pub fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector> {
+    Ok(tokio_rustls::TlsConnector::from(
+        crate::client::conn::tls_config(ca)?,
+    ))
 }
 
 /// `GET path` over TLS (server name `localhost`, the name of every certificate `chatctl keys
