@@ -111,6 +111,15 @@ struct Project {
     port: u16,
 }
 
+/// The Docker tests run one at a time (their time limits assume a machine not shared with a
+/// second cluster of this suite), whatever `--test-threads` says.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static DOCKER: Mutex<()> = Mutex::new(());
+    DOCKER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Project {
     fn new(tag: &str, autoscale: &str) -> Self {
         require_docker();
@@ -601,6 +610,7 @@ const HEAL_ONLY: &str = "enabled = false\ninterval_secs = 1\nejected_replace_sec
 
 #[test]
 fn a_killed_server_is_replaced_and_healthy_within_10s_with_nothing_lost() {
+    let _serial = serial();
     let project = Project::new("kill", HEAL_ONLY);
     project.up(2);
     let rt = runtime();
@@ -645,6 +655,7 @@ fn a_killed_server_is_replaced_and_healthy_within_10s_with_nothing_lost() {
 
 #[test]
 fn a_paused_server_is_ejected_within_5s_its_clients_move_and_it_is_restored_after_unpause() {
+    let _serial = serial();
     let project = Project::new("pause", HEAL_ONLY);
     project.up(2);
     let rt = runtime();
@@ -695,6 +706,7 @@ fn a_paused_server_is_ejected_within_5s_its_clients_move_and_it_is_restored_afte
 #[test]
 fn a_server_whose_health_check_fails_is_restarted() {
     // Ejection alone does not replace it here: only the failing health check can.
+    let _serial = serial();
     let project = Project::new(
         "health",
         "enabled = false\ninterval_secs = 1\nejected_replace_secs = 600\n",
@@ -741,6 +753,7 @@ fn a_server_whose_health_check_fails_is_restarted() {
 
 #[test]
 fn load_above_target_scales_up_within_15s_and_back_down_to_min_draining_with_nothing_lost() {
+    let _serial = serial();
     let project = Project::new(
         "scale",
         "enabled = true\nmin_replicas = 2\nmax_replicas = 4\ntarget_connections = 3\n\
@@ -845,6 +858,7 @@ fn chaos_soak_kills_and_pauses_servers_under_load_and_loses_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(180);
+    let _serial = serial();
     let project = Project::new("soak", HEAL_ONLY);
     project.up(3);
     let rt = runtime();
