@@ -383,6 +383,13 @@ fn run_docker(
             );
             return Ok(());
         }
+        if let Some(pid) = super::supervise::running_supervisor(&args.state_dir, &project) {
+            eprintln!(
+                "A detached supervisor (pid {pid}) already heals and scales project {project}; \
+                 not starting a second one here."
+            );
+            return foreground(docker, &project).await;
+        }
         supervise_foreground(docker, &project, policy, &args.state_dir).await
     })
 }
