@@ -159,6 +159,32 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
+/// How long `open` waits for a just-dropped store of this process to release the file.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens (or creates) the database. The append committer of a store that was just dropped
+/// answers its callers a moment before its thread lets go of the database, so a reopen in the
+/// same process may briefly find the file still open: wait for that, not for another process.
+fn create_database(path: &Path) -> Result<Database, StoreError> {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match Database::create(path) {
+            Ok(db) => return Ok(db),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(StoreError::Backend(format!(
+                    "cannot open {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+}
+
 impl EmbeddedStore {
     /// Opens `dir/chat.redb`, creating the directory and the database if needed (and
     /// recovering it after a crash). Records are sealed with the active key of `keys`.
@@ -180,8 +206,7 @@ impl EmbeddedStore {
                 ))
             })?;
             let path = dir.join(FILE_NAME);
-            let db = Database::create(&path)
-                .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+            let db = create_database(&path)?;
             let txn = db.begin_write().map_err(db_err)?;
             {
                 txn.open_table(ACCOUNTS).map_err(db_err)?;
