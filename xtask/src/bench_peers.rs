@@ -31,6 +31,8 @@ const NATS_WS: &str = "127.0.0.1:19222";
 const XMPP_WS: &str = "127.0.0.1:19290";
 const RELAY_WS: &str = "127.0.0.1:19700";
 const EJABBERD_NODE: &str = "chatapp_bench@localhost";
+/// ejabberd 23.01 as packaged resets connections and exits near 2000 WebSockets on this machine.
+const EJABBERD_IDLE: usize = 1500;
 
 struct Options {
     duration: String,
@@ -42,6 +44,8 @@ struct Options {
 /// One system under test: how `chatctl bench` reaches it.
 struct System {
     label: &'static str,
+    /// Idle connections to open (ejabberd as packaged dies near 2000 here).
+    idle: Option<usize>,
     /// `chatctl bench` arguments before the scenario.
     args: Vec<String>,
     pid: u32,
@@ -58,6 +62,8 @@ struct Run {
     p99_ms: f64,
     rss_per_connection: Option<f64>,
     load: f64,
+    /// Why the run produced no figures.
+    failed: Option<String>,
 }
 
 #[derive(Default)]
@@ -372,26 +378,31 @@ fn start_peers(
     Ok(vec![
         System {
             label: "chat-server, e2e, plain WS",
+            idle: None,
             args: chat(&format!("http://{CHAT_PLAIN}")),
             pid: plain_pid,
         },
         System {
             label: "chat-server, e2e, TLS",
+            idle: None,
             args: chat(&format!("https://{CHAT_TLS}")),
             pid: tls_pid,
         },
         System {
             label: "NATS core (WS)",
+            idle: None,
             args: peer("nats", format!("ws://{NATS_WS}")),
             pid: nats_pid,
         },
         System {
             label: "ejabberd (XMPP over WS)",
+            idle: Some(EJABBERD_IDLE),
             args: peer("xmpp", format!("ws://{XMPP_WS}/ws")),
             pid: ejabberd_pid,
         },
         System {
             label: "bare relay (limit)",
+            idle: None,
             args: peer("relay", format!("ws://{RELAY_WS}")),
             pid: relay_pid,
         },
@@ -427,7 +438,18 @@ fn bench(chatctl: &Path, system: &System, common: &[&str], scenario: &[String]) 
         .find(|l| l.starts_with('{'))
         .unwrap_or_default();
     if json.is_empty() {
-        bail!("{command} failed: {}", String::from_utf8_lossy(&out.stderr));
+        // One system failing (ejabberd may die under the idle load) must not end the run.
+        let why = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("no output")
+            .to_owned();
+        eprintln!("xtask:   failed: {why}");
+        return Ok(Run {
+            command,
+            failed: Some(why),
+            ..Run::default()
+        });
     }
     let num = |k: &str| json_number(json, k);
     let run = Run {
@@ -439,6 +461,7 @@ fn bench(chatctl: &Path, system: &System, common: &[&str], scenario: &[String]) 
         p99_ms: num("p99_ms").unwrap_or_default(),
         rss_per_connection: num("rss_per_connection"),
         load: num("load_average").unwrap_or_default(),
+        failed: None,
     };
     eprintln!(
         "xtask:   {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, sent {} delivered {}{} (load {:.2})",
@@ -505,7 +528,7 @@ fn measure(
                 system.pid.to_string(),
                 "idle".into(),
                 "--connections".into(),
-                opts.idle.to_string(),
+                system.idle.unwrap_or(opts.idle).min(opts.idle).to_string(),
             ],
         )?;
         r.connect = bench(chatctl, system, &common, &["connect".into()])?;
@@ -729,7 +752,7 @@ fn render(
         .iter()
         .flat_map(|r| [&r.max, &r.at50, &r.at90, &r.group])
         .chain([raw]);
-    let lossless = all_runs.clone().all(|r| same(r) == "yes");
+    let lossless = all_runs.clone().all(|r| same(r) != "**no**");
     let _ = writeln!(
         md,
         "\n**Targets** (chat-server row with plain WS unless stated)\n"
@@ -780,6 +803,13 @@ fn render(
         verdict(lossless)
     );
 
+    for (s, r) in systems.iter().zip(results) {
+        for run in [&r.max, &r.at50, &r.at90, &r.group, &r.idle, &r.connect] {
+            if let Some(why) = &run.failed {
+                let _ = writeln!(md, "\nFailed ({}): `{}`: {why}", s.label, run.command);
+            }
+        }
+    }
     let _ = writeln!(md, "\n<details><summary>Commands of this run</summary>\n");
     for (s, r) in systems.iter().zip(results) {
         let _ = writeln!(md, "- {}:", s.label);
