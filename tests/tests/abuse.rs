@@ -166,13 +166,16 @@ async fn an_oversized_frame_closes_that_socket_not_the_server() {
     let mut conn = Connection::connect(&abused.server.url(), &abused.server.ca())
         .await
         .expect("connect");
-    conn.send_raw(vec![0u8; MAX_FRAME_BYTES + 1])
-        .await
-        .expect("send");
-    let got = answer(&mut conn).await;
+    // The server may close the socket while the frame is still being written (the send then
+    // fails with a reset) or right after reading its header: either way that socket is gone.
+    let got = match conn.send_raw(vec![0u8; MAX_FRAME_BYTES + 1]).await {
+        Err(e) => Err(format!("{e:#}")),
+        Ok(()) => answer(&mut conn).await,
+    };
     assert!(
-        got.as_ref()
-            .is_err_and(|e| e.contains("closed") || e.contains("connection")),
+        got.as_ref().is_err_and(|e| e.contains("closed")
+            || e.contains("connection")
+            || e.contains("reset")),
         "the oversized socket must be closed: {got:?}"
     );
     abused.assert_served("after an oversized frame").await;
