@@ -435,3 +435,25 @@ fn verify_without_keys_tells_what_to_run() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("chatctl keys init"));
 }
+
+#[test]
+fn sign_prints_the_loader_hash_to_pin() {
+    let r = Release::unsigned();
+    ok(chatctl(r.root()).args(["keys", "init", "--dir", "keys", "--unencrypted"]));
+    let out = ok(chatctl(r.root()).args([
+        "sign",
+        "--key",
+        "keys/release.key",
+        "--version",
+        "1.0.0",
+        "dist",
+    ]));
+    let loader = fs::read(r.dist().join("loader.js")).expect("read");
+    let want = format!("loader.js sha256 {}", sha256_hex(&loader));
+    assert!(out.contains(&want), "{out}");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

@@ -111,6 +111,13 @@ pub fn run_sign(args: SignArgs) -> Result<()> {
         s.expires,
         s.manifest_sha256
     );
+    // The browser loader is the one file verified by trust on first use: print its hash so it
+    // can be pinned and published (`chatctl verify-site --loader-sha256`).
+    for loader in ["loader.js", "index.html"] {
+        if let Ok(bytes) = std::fs::read(args.dir.join(loader)) {
+            println!("{loader} sha256 {}", hex::encode(Sha256::digest(&bytes)));
+        }
+    }
     Ok(())
 }
 
