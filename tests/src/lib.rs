@@ -11,6 +11,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use chat_core::identity::DeviceKeys;
+use chat_core::wire::{ClientFrame, ErrorCode, ServerFrame, SignedPrekey};
+use chatctl::client::conn::Connection;
 use chatctl::client::{Client, ClientOptions};
 use tempfile::TempDir;
 
@@ -441,6 +444,50 @@ impl World {
     pub async fn open(&self, name: &str) -> Result<Client> {
         Client::open(&self.options(), name).await
     }
+}
+
+/// How long a raw connection waits for the server's answer to one frame.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// A `Register` frame for `name`, device 1, with the identity and signed prekey of `keys` and no
+/// one-time prekeys: for tests that speak the protocol frame by frame.
+pub fn register_frame(name: &str, keys: &DeviceKeys) -> ClientFrame {
+    let identity = keys.identity().public();
+    let encoded = identity.encode();
+    let spk = keys.signed_prekey();
+    ClientFrame::Register {
+        username: name.into(),
+        device_id: 1,
+        identity_ed25519: *identity.signing_key().as_bytes(),
+        identity_x25519: *identity.dh_key().as_bytes(),
+        identity_signature: encoded[65..129].try_into().expect("64 bytes"),
+        signed_prekey: SignedPrekey {
+            id: spk.id,
+            public: *spk.key.as_bytes(),
+            signature: spk.signature.to_bytes(),
+        },
+        one_time_prekeys: vec![],
+    }
+}
+
+/// The next frame on `conn` (waiting up to 5 s), or why there was none.
+pub async fn answer(conn: &mut Connection) -> Result<ServerFrame, String> {
+    conn.next_frame(ANSWER_WAIT)
+        .await
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// The code of `frame` if it is an `Error`, else `None`.
+pub fn error_code_of(frame: &Result<ServerFrame, String>) -> Option<ErrorCode> {
+    match frame {
+        Ok(ServerFrame::Error { code, .. }) => Some(*code),
+        _ => None,
+    }
+}
+
+/// The code of the next frame on `conn` if it is an `Error` (see [`answer`]), else `None`.
+pub async fn error_code(conn: &mut Connection) -> Option<ErrorCode> {
+    error_code_of(&answer(conn).await)
 }
 
 /// Every file under `dir`, recursively.

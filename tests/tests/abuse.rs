@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use chat_core::identity::DeviceKeys;
 use chat_core::wire::{ClientFrame, ErrorCode, MAX_FRAME_BYTES, ServerFrame};
-use chat_tests::{Keys, NatsServer, ServerProcess, World};
+use chat_tests::{
+    Keys, NatsServer, ServerProcess, World, answer, error_code, error_code_of, register_frame,
+};
 use chatctl::client::Client;
 use chatctl::client::conn::Connection;
 use tempfile::TempDir;
@@ -104,38 +106,6 @@ async fn next_error(conn: &mut Connection) -> Option<ErrorCode> {
             Ok(_) => continue,
             Err(_) => return None,
         }
-    }
-}
-
-fn register_frame(name: &str, keys: &DeviceKeys) -> ClientFrame {
-    let identity = keys.identity().public();
-    let encoded = identity.encode();
-    let spk = keys.signed_prekey();
-    ClientFrame::Register {
-        username: name.into(),
-        device_id: 1,
-        identity_ed25519: *identity.signing_key().as_bytes(),
-        identity_x25519: *identity.dh_key().as_bytes(),
-        identity_signature: encoded[65..129].try_into().expect("64 bytes"),
-        signed_prekey: chat_core::wire::SignedPrekey {
-            id: spk.id,
-            public: *spk.key.as_bytes(),
-            signature: spk.signature.to_bytes(),
-        },
-        one_time_prekeys: vec![],
-    }
-}
-
-async fn answer(conn: &mut Connection) -> Result<ServerFrame, String> {
-    conn.next_frame(Duration::from_secs(5))
-        .await
-        .map_err(|e| format!("{e:#}"))
-}
-
-fn code(frame: &Result<ServerFrame, String>) -> Option<ErrorCode> {
-    match frame {
-        Ok(ServerFrame::Error { code, .. }) => Some(*code),
-        _ => None,
     }
 }
 
@@ -397,10 +367,7 @@ async fn a_replayed_login_proof_is_refused_and_others_are_served() {
         .send(&ClientFrame::LoginProof { signature })
         .await
         .expect("replay");
-    assert_eq!(
-        code(&answer(&mut second).await),
-        Some(ErrorCode::BadSignature)
-    );
+    assert_eq!(error_code(&mut second).await, Some(ErrorCode::BadSignature));
     abused.assert_served("after login replays").await;
 }
 
@@ -419,7 +386,7 @@ async fn a_registration_flood_is_rate_limited_and_others_are_served() {
             .expect("send");
         match answer(&mut conn).await {
             Ok(ServerFrame::Registered { .. }) => registered += 1,
-            other if code(&other) == Some(ErrorCode::RateLimited) => limited += 1,
+            other if error_code_of(&other) == Some(ErrorCode::RateLimited) => limited += 1,
             other => panic!("unexpected answer {other:?}"),
         }
         if i % 50 == 0 {
@@ -455,7 +422,7 @@ async fn invalid_usernames_are_refused_each_with_its_reason() {
     ] {
         conn.send(&register_frame(name, &keys)).await.expect("send");
         assert_eq!(
-            code(&answer(&mut conn).await),
+            error_code(&mut conn).await,
             Some(ErrorCode::UsernameInvalid),
             "{name:?}"
         );
@@ -464,10 +431,7 @@ async fn invalid_usernames_are_refused_each_with_its_reason() {
     conn.send(&register_frame(&"a".repeat(65), &keys))
         .await
         .expect("send");
-    assert_eq!(
-        code(&answer(&mut conn).await),
-        Some(ErrorCode::MalformedFrame)
-    );
+    assert_eq!(error_code(&mut conn).await, Some(ErrorCode::MalformedFrame));
     abused.assert_served("after invalid usernames").await;
 }
 

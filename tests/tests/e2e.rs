@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chat_core::wire::{ClientFrame, CloseCode, ErrorCode, ServerFrame};
-use chat_tests::{ServerProcess, World, dir_contains};
+use chat_tests::{ServerProcess, World, dir_contains, error_code, register_frame};
 use chatctl::client::conn::{Closed, Connection, ServerError};
 
 const IDLE: Duration = Duration::from_millis(800);
@@ -348,32 +348,6 @@ async fn bad_input_gets_its_own_error_and_the_server_keeps_serving() {
         bob.receive(IDLE).await.expect("receive")[0].text,
         "still here"
     );
-}
-
-fn register_frame(name: &str, keys: &chat_core::identity::DeviceKeys) -> ClientFrame {
-    let identity = keys.identity().public();
-    let encoded = identity.encode();
-    let spk = keys.signed_prekey();
-    ClientFrame::Register {
-        username: name.into(),
-        device_id: 1,
-        identity_ed25519: *identity.signing_key().as_bytes(),
-        identity_x25519: *identity.dh_key().as_bytes(),
-        identity_signature: encoded[65..129].try_into().expect("64 bytes"),
-        signed_prekey: chat_core::wire::SignedPrekey {
-            id: spk.id,
-            public: *spk.key.as_bytes(),
-            signature: spk.signature.to_bytes(),
-        },
-        one_time_prekeys: vec![],
-    }
-}
-
-async fn error_code(conn: &mut Connection) -> Option<ErrorCode> {
-    match conn.next_frame(Duration::from_secs(5)).await {
-        Ok(ServerFrame::Error { code, .. }) => Some(code),
-        _ => None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
