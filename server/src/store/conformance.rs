@@ -45,6 +45,7 @@ macro_rules! store_conformance_tests {
             re_adding_a_prekey_id_with_another_key_is_refused_and_adds_nothing,
             taken_prekey_stays_taken_after_reopen,
             mailbox_seqs_start_at_1_and_fetch_resumes_after_ack,
+            paged_fetches_interleaved_with_acks_and_appends_see_every_message_once,
             concurrent_appends_get_distinct_consecutive_seqs,
             duplicate_message_id_is_stored_once_with_its_original_seq,
             duplicate_of_an_acked_message_is_still_recognised,
@@ -268,6 +269,85 @@ pub async fn mailbox_seqs_start_at_1_and_fetch_resumes_after_ack(h: &dyn StoreHa
             .expect("fetch")
             .is_empty()
     );
+}
+
+/// How a delivery loop reads: page after page from the last seq it was given, while the
+/// receiver acks behind it and senders keep appending; plus a reader that goes back (a
+/// reconnect resumes after its last ack) and pages after a seq other than the last one read.
+pub async fn paged_fetches_interleaved_with_acks_and_appends_see_every_message_once(
+    h: &dyn StoreHarness,
+) {
+    let store = open(h, &fresh_keys()).await;
+    let mb = mailbox("pia", 1);
+    let mut next_id = 0u8;
+    let mut append = |n: usize| {
+        let ids: Vec<u8> = (0..n)
+            .map(|_| {
+                next_id += 1;
+                next_id
+            })
+            .collect();
+        let store = store.clone();
+        let mb = mb.clone();
+        async move {
+            for n in ids {
+                store
+                    .append(&mb, id(n), vec![n], 1000)
+                    .await
+                    .expect("append");
+            }
+        }
+    };
+    append(7).await;
+    let mut seen = Vec::new();
+    let mut after = 0;
+    for round in 0..6 {
+        let page = store.fetch(&mb, after, 3).await.expect("fetch");
+        for m in &page {
+            assert_eq!(m.record, vec![u8::try_from(m.seq).expect("small")]);
+            seen.push(m.seq);
+        }
+        if let Some(last) = page.last() {
+            after = last.seq;
+        }
+        // The receiver acks one page behind; senders append between pages.
+        store.ack(&mb, after.saturating_sub(2)).await.expect("ack");
+        if round < 3 {
+            append(2).await;
+        }
+    }
+    assert_eq!(
+        seen,
+        (1..=13).collect::<Vec<u64>>(),
+        "every message once, in order"
+    );
+    // Going back (a reconnect after the last ack) gives what was not acked yet, again.
+    let floor = 13 - 2;
+    let again: Vec<u64> = store
+        .fetch(&mb, 0, 100)
+        .await
+        .expect("fetch")
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(again, vec![floor + 1, floor + 2]);
+    let from_floor: Vec<u64> = store
+        .fetch(&mb, floor, 1)
+        .await
+        .expect("fetch")
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(from_floor, vec![floor + 1]);
+    append(1).await;
+    let tail: Vec<u64> = store
+        .fetch(&mb, floor + 1, 100)
+        .await
+        .expect("fetch")
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(tail, vec![floor + 2, floor + 3]);
 }
 
 pub async fn concurrent_appends_get_distinct_consecutive_seqs(h: &dyn StoreHarness) {

@@ -49,6 +49,7 @@
 //!   the `acked` ring and are forgotten oldest first beyond the duplicate window, like the
 //!   embedded store. (JetStream's own `Nats-Msg-Id` window is only time-based, so it is not used.)
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -119,7 +120,15 @@ struct Inner {
     msgids: Stream,
     /// The last leaf count seen: the expected stream sequence of the next leaf append.
     leaf_hint: AtomicU64,
+    /// Per mailbox, where the last fetch stopped: (mailbox seq, stream seq of that message).
+    /// A delivery loop asks for what follows the seq it was last given, so the scan resumes at
+    /// that stream position instead of walking the whole backlog again (one round trip per
+    /// entry). Only a hint: the log is in seq order, so starting there skips nothing newer.
+    fetch_cursors: std::sync::Mutex<HashMap<MailboxId, (u64, u64)>>,
 }
+
+/// Cursor hints kept before the map is cleared (each is a few dozen bytes).
+const MAX_FETCH_CURSORS: usize = 16_384;
 
 impl std::fmt::Debug for NatsStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -211,6 +220,7 @@ impl NatsStore {
             mailbox: next()?,
             msgids: next()?,
             leaf_hint: AtomicU64::new(0),
+            fetch_cursors: std::sync::Mutex::new(HashMap::new()),
         };
         Ok(NatsStore {
             inner: Arc::new(inner),
@@ -560,13 +570,16 @@ impl NatsStore {
     }
 
     /// Live messages (`seq > max(after, floor of tail)`) in seq order, at most `limit`, up to
-    /// the tail; with their stream sequences.
+    /// the tail; with their stream sequences. The scan starts at stream sequence `from` (1 for
+    /// the whole log; a later position only when every message with `seq > after` lies there
+    /// or beyond).
     async fn live(
         &self,
         mailbox: &MailboxId,
         tail: &Tail,
         after: u64,
         limit: usize,
+        from: u64,
     ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
         let subject = log_subject(mailbox);
         let start = after.max(tail.state.floor);
@@ -574,7 +587,7 @@ impl NatsStore {
         if start >= tail.state.last_seq || limit == 0 {
             return Ok(out);
         }
-        let mut cursor = 1u64;
+        let mut cursor = from.max(1);
         while cursor <= tail.stream_seq && out.len() < limit {
             let Some(message) = self
                 .first_from(&self.inner.mailbox, &subject, cursor)
@@ -610,6 +623,25 @@ impl NatsStore {
         Ok(out)
     }
 
+    /// The stream sequence of the message with mailbox seq `after`, if the last fetch of this
+    /// mailbox stopped there.
+    fn fetch_cursor(&self, mailbox: &MailboxId, after: u64) -> Option<u64> {
+        let cursors = self.inner.fetch_cursors.lock().ok()?;
+        cursors
+            .get(mailbox)
+            .filter(|(seq, _)| *seq == after && after > 0)
+            .map(|(_, stream_seq)| *stream_seq)
+    }
+
+    fn set_fetch_cursor(&self, mailbox: &MailboxId, seq: u64, stream_seq: u64) {
+        if let Ok(mut cursors) = self.inner.fetch_cursors.lock() {
+            if cursors.len() >= MAX_FETCH_CURSORS && !cursors.contains_key(mailbox) {
+                cursors.clear();
+            }
+            cursors.insert(mailbox.clone(), (seq, stream_seq));
+        }
+    }
+
     /// Appends with the message id already claimed by this caller.
     async fn append_claimed(
         &self,
@@ -624,7 +656,7 @@ impl NatsStore {
             let tail = self.tail(mailbox).await?;
             if taken_over {
                 // The crashed claimer may have appended before it died.
-                let live = self.live(mailbox, &tail, 0, usize::MAX).await?;
+                let live = self.live(mailbox, &tail, 0, usize::MAX, 1).await?;
                 if let Some((_, found)) = live.iter().find(|(_, m)| m.message_id == message_id) {
                     return Ok(AppendOutcome {
                         seq: found.seq,
@@ -1082,12 +1114,15 @@ impl Store for NatsStore {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let tail = self.tail(mailbox).await?;
-        Ok(self
-            .live(mailbox, &tail, after_seq, limit)
-            .await?
-            .into_iter()
-            .map(|(_, m)| m)
-            .collect())
+        let from = self
+            .fetch_cursor(mailbox, after_seq)
+            .filter(|&stream_seq| stream_seq < tail.stream_seq)
+            .map_or(1, |stream_seq| stream_seq + 1);
+        let live = self.live(mailbox, &tail, after_seq, limit, from).await?;
+        if let Some((stream_seq, last)) = live.last() {
+            self.set_fetch_cursor(mailbox, last.seq, *stream_seq);
+        }
+        Ok(live.into_iter().map(|(_, m)| m).collect())
     }
 
     async fn ack(&self, mailbox: &MailboxId, up_to_seq: u64) -> Result<u64, StoreError> {
@@ -1099,7 +1134,14 @@ impl Store for NatsStore {
             if floor <= state.floor {
                 return Ok(0);
             }
-            let live = self.live(mailbox, &tail, 0, usize::MAX).await?;
+            // Seqs are contiguous above the floor, so the acknowledged messages are the first
+            // `floor - state.floor` live ones; one more finds where the purge may stop. (Reading
+            // the whole backlog here made every ack cost a round trip per waiting message,
+            // which a receiver that fell behind never recovered from.)
+            let wanted = usize::try_from(floor - state.floor)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1);
+            let live = self.live(mailbox, &tail, 0, wanted, 1).await?;
             let acked: Vec<StoredMessage> = live
                 .iter()
                 .filter(|(_, m)| m.seq <= floor)
