@@ -136,12 +136,9 @@ impl Hostile {
     /// `leaf` with its keys replaced by the attacker's keys for that device.
     fn substituted_leaf(&self, mut leaf: DirectoryLeaf) -> DirectoryLeaf {
         let (identity, spk) = self.substitute(&leaf.username, leaf.device_id);
-        let encoded = identity.encode();
         leaf.identity_ed25519 = *identity.signing_key().as_bytes();
         leaf.identity_x25519 = *identity.dh_key().as_bytes();
-        if let Ok(sig) = encoded[65..129].try_into() {
-            leaf.identity_signature = sig;
-        }
+        leaf.identity_signature = identity.dh_signature().to_bytes();
         leaf.signed_prekey_id = spk.id;
         leaf.signed_prekey_public = *spk.key.as_bytes();
         leaf.signed_prekey_signature = spk.signature.to_bytes();
@@ -165,12 +162,9 @@ impl Hostile {
             return device;
         }
         let (identity, spk) = self.substitute(user, device.device_id);
-        let encoded = identity.encode();
         device.identity_ed25519 = *identity.signing_key().as_bytes();
         device.identity_x25519 = *identity.dh_key().as_bytes();
-        if let Ok(sig) = encoded[65..129].try_into() {
-            device.identity_signature = sig;
-        }
+        device.identity_signature = identity.dh_signature().to_bytes();
         device.signed_prekey = SignedPrekey {
             id: spk.id,
             public: *spk.key.as_bytes(),
@@ -243,15 +237,12 @@ impl Hostile {
     /// The ghost leaf the split view puts in front of the log.
     fn ghost_leaf(&self, timestamp: u64) -> Vec<u8> {
         let (identity, spk) = self.substitute("ghost", 1);
-        let encoded = identity.encode();
-        let mut signature = [0u8; 64];
-        signature.copy_from_slice(&encoded[65..129]);
         DirectoryLeaf {
             username: "ghost".into(),
             device_id: 1,
             identity_ed25519: *identity.signing_key().as_bytes(),
             identity_x25519: *identity.dh_key().as_bytes(),
-            identity_signature: signature,
+            identity_signature: identity.dh_signature().to_bytes(),
             signed_prekey_id: spk.id,
             signed_prekey_public: *spk.key.as_bytes(),
             signed_prekey_signature: spk.signature.to_bytes(),

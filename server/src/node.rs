@@ -948,12 +948,12 @@ fn internal(scope: ErrorScope, e: impl std::fmt::Display) -> ServerFrame {
 
 /// The identity binding (Ed25519 over X25519) and the signed prekey must verify.
 fn verify_device_keys(device: &DeviceRecord) -> Result<(), String> {
-    let mut encoded = Vec::with_capacity(IdentityPublic::ENCODED_LEN);
-    encoded.push(chat_core::identity::IDENTITY_PUBLIC_VERSION);
-    encoded.extend_from_slice(&device.identity_ed25519);
-    encoded.extend_from_slice(&device.identity_x25519);
-    encoded.extend_from_slice(&device.identity_signature);
-    let identity = IdentityPublic::decode(&encoded).map_err(|e| format!("identity keys: {e}"))?;
+    let identity = IdentityPublic::from_parts(
+        &device.identity_ed25519,
+        &device.identity_x25519,
+        &device.identity_signature,
+    )
+    .map_err(|e| format!("identity keys: {e}"))?;
     let spk = signed_prekey(&device.signed_prekey);
     spk.verify(&identity)
         .map_err(|e| format!("signed prekey: {e}"))

@@ -453,14 +453,13 @@ const ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// one-time prekeys: for tests that speak the protocol frame by frame.
 pub fn register_frame(name: &str, keys: &DeviceKeys) -> ClientFrame {
     let identity = keys.identity().public();
-    let encoded = identity.encode();
     let spk = keys.signed_prekey();
     ClientFrame::Register {
         username: name.into(),
         device_id: 1,
         identity_ed25519: *identity.signing_key().as_bytes(),
         identity_x25519: *identity.dh_key().as_bytes(),
-        identity_signature: encoded[65..129].try_into().expect("64 bytes"),
+        identity_signature: identity.dh_signature().to_bytes(),
         signed_prekey: SignedPrekey {
             id: spk.id,
             public: *spk.key.as_bytes(),

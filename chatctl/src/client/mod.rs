@@ -1041,12 +1041,8 @@ pub fn identity_from_parts(
     x25519: &[u8; 32],
     signature: &[u8; 64],
 ) -> Result<IdentityPublic> {
-    let mut encoded = Vec::with_capacity(IdentityPublic::ENCODED_LEN);
-    encoded.push(chat_core::identity::IDENTITY_PUBLIC_VERSION);
-    encoded.extend_from_slice(ed25519);
-    encoded.extend_from_slice(x25519);
-    encoded.extend_from_slice(signature);
-    IdentityPublic::decode(&encoded).map_err(|e| anyhow!("invalid identity key: {e}"))
+    IdentityPublic::from_parts(ed25519, x25519, signature)
+        .map_err(|e| anyhow!("invalid identity key: {e}"))
 }
 
 /// The server's bundle must carry exactly the keys the directory proves.

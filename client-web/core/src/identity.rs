@@ -71,6 +71,29 @@ impl IdentityPublic {
         &self.dh_key
     }
 
+    /// The Ed25519 signature by [`signing_key`](Self::signing_key) that binds
+    /// [`dh_key`](Self::dh_key) to it.
+    pub fn dh_signature(&self) -> &Signature {
+        &self.dh_signature
+    }
+
+    /// Rebuilds an identity from the three parts the wire and the key directory carry (Ed25519
+    /// key, X25519 key, the signature binding them) and [`verify`](Self::verify)s it: the checks
+    /// and errors of [`decode`](Self::decode) on `[IDENTITY_PUBLIC_VERSION] || parts`.
+    pub fn from_parts(
+        ed25519: &[u8; 32],
+        x25519: &[u8; 32],
+        signature: &[u8; 64],
+    ) -> Result<Self, KeyError> {
+        let id = Self {
+            signing_key: signing_key_from_bytes(ed25519)?,
+            dh_key: PublicKey::from(*x25519),
+            dh_signature: Signature::from_bytes(signature),
+        };
+        id.verify()?;
+        Ok(id)
+    }
+
     /// `Ed25519 || X25519` (64 bytes): the identity as it enters X3DH's AD and safety numbers.
     pub fn key_bytes(&self) -> [u8; 64] {
         let mut out = [0u8; 64];
@@ -120,8 +143,7 @@ impl IdentityPublic {
                 version,
             });
         }
-        let signing_key = VerifyingKey::from_bytes(&r.array()?)
-            .map_err(|_| DecodeError::Invalid("Ed25519 identity key"))?;
+        let signing_key = signing_key_from_bytes(&r.array()?)?;
         let dh_key = PublicKey::from(r.array::<32>()?);
         let dh_signature = Signature::from_bytes(&r.array()?);
         Ok(Self {
@@ -130,6 +152,10 @@ impl IdentityPublic {
             dh_signature,
         })
     }
+}
+
+fn signing_key_from_bytes(bytes: &[u8; 32]) -> Result<VerifyingKey, DecodeError> {
+    VerifyingKey::from_bytes(bytes).map_err(|_| DecodeError::Invalid("Ed25519 identity key"))
 }
 
 fn identity_dh_message(dh_key: &PublicKey) -> Vec<u8> {
@@ -625,6 +651,59 @@ mod tests {
         let mut bundle = keys.bundle(None);
         bundle.identity.dh_key = PublicKey::from([9u8; 32]);
         assert_eq!(bundle.verify(), Err(KeyError::BadIdentitySignature));
+    }
+
+    #[test]
+    fn identity_from_parts_round_trips_and_refuses_bad_parts_with_an_error() {
+        let identity = *IdentityKeyPair::generate(&mut OsRng).public();
+        let ed25519 = *identity.signing_key().as_bytes();
+        let x25519 = *identity.dh_key().as_bytes();
+        let signature = identity.dh_signature().to_bytes();
+        let encoded = [
+            &[IDENTITY_PUBLIC_VERSION][..],
+            &ed25519,
+            &x25519,
+            &signature,
+        ]
+        .concat();
+        assert_eq!(encoded, identity.encode());
+        assert_eq!(
+            IdentityPublic::from_parts(&ed25519, &x25519, &signature),
+            Ok(identity)
+        );
+
+        // Not a curve point (y = 2), a small-order key, a signature over another X25519 key.
+        let mut not_a_point = [0u8; 32];
+        not_a_point[0] = 2;
+        assert_eq!(
+            IdentityPublic::from_parts(&not_a_point, &x25519, &signature),
+            Err(KeyError::Decode(DecodeError::Invalid(
+                "Ed25519 identity key"
+            )))
+        );
+        let mut small_order = [0u8; 32];
+        small_order[0] = 1;
+        assert_eq!(
+            IdentityPublic::from_parts(&small_order, &x25519, &signature),
+            Err(KeyError::InvalidSigningKey)
+        );
+        assert_eq!(
+            IdentityPublic::from_parts(&ed25519, &[9; 32], &signature),
+            Err(KeyError::BadIdentitySignature)
+        );
+
+        // Every single bit flip is refused, with the verdict `decode` gives the same bytes.
+        for bit in 0..(32 + 32 + 64) * 8 {
+            let mut bad = encoded.clone();
+            bad[1 + bit / 8] ^= 1 << (bit % 8);
+            let parts = IdentityPublic::from_parts(
+                bad[1..33].try_into().unwrap(),
+                bad[33..65].try_into().unwrap(),
+                bad[65..].try_into().unwrap(),
+            );
+            assert!(parts.is_err(), "bit {bit}");
+            assert_eq!(parts, IdentityPublic::decode(&bad), "bit {bit}");
+        }
     }
 
     #[test]

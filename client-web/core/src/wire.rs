@@ -85,8 +85,8 @@ pub struct OneTimePrekey {
 /// `"ChatApp_IdentityDH_v1" || identity_x25519` that binds the two identity keys. Wherever the
 /// three fields travel together (`Register`, `DeviceBundle`, `DirectoryLeaf`, `PreKeyMessage`),
 /// `[1] || ed25519 || x25519 || signature` is exactly the 129-byte encoding of
-/// [`crate::identity::IdentityPublic`], whose `decode` checks the binding. The codec here does
-/// not verify it: decoding stays a pure byte-format check.
+/// [`crate::identity::IdentityPublic`], whose `decode` (and `from_parts`, taking the three fields)
+/// checks the binding. The codec here does not verify it: decoding stays a pure byte-format check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceBundle {
     pub device_id: u32,
