@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use rand_core::{OsRng, RngCore};
 
 use super::seal::DataKeyRing;
-use super::{MailboxId, Store, StoreError};
+use super::{AppendRequest, MailboxId, Store, StoreError};
 
 /// A backend under test: one persistent location that can be opened again and again.
 #[async_trait]
@@ -50,6 +50,7 @@ macro_rules! store_conformance_tests {
             duplicate_message_id_is_stored_once_with_its_original_seq,
             duplicate_of_an_acked_message_is_still_recognised,
             append_is_refused_with_mailbox_full_at_max_depth,
+            append_many_keeps_order_and_gives_each_append_its_own_outcome,
             ack_deletes_messages_up_to_seq_and_seqs_are_never_reused,
             mailboxes_of_different_devices_are_independent,
             leaves_round_trip_in_order_and_tree_head_is_replaced,
@@ -438,6 +439,64 @@ pub async fn append_is_refused_with_mailbox_full_at_max_depth(h: &dyn StoreHarne
         .await
         .expect("room again");
     assert_eq!(after.seq, 4);
+}
+
+/// A pipelined batch of sends: stored in the order given, across mailboxes, and every append
+/// answered as it would be alone (a duplicate, a full mailbox, a duplicate inside the batch).
+pub async fn append_many_keeps_order_and_gives_each_append_its_own_outcome(h: &dyn StoreHarness) {
+    let store = open(h, &fresh_keys()).await;
+    let (a, b) = (mailbox("noa", 1), mailbox("noa", 2));
+    store.append(&a, id(1), vec![1], 4).await.expect("append");
+    let request = |mb: &MailboxId, n: u8| AppendRequest {
+        mailbox: mb.clone(),
+        message_id: id(n),
+        record: vec![n],
+        max_depth: 4,
+    };
+    let outcomes = store
+        .append_many(vec![
+            request(&a, 2),
+            request(&b, 3),
+            request(&a, 1), // stored before the batch
+            request(&a, 4),
+            request(&a, 4), // twice in the batch
+            request(&a, 5), // a holds 1, 2, 4, 5: full at 4
+            request(&a, 6),
+            request(&b, 7),
+        ])
+        .await;
+    let summary: Vec<String> = outcomes
+        .iter()
+        .map(|o| match o {
+            Ok(o) => format!("{}{}", o.seq, if o.duplicate { "d" } else { "" }),
+            Err(StoreError::MailboxFull { .. }) => "full".into(),
+            Err(e) => format!("{e}"),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        ["2", "1", "1d", "3", "3d", "4", "full", "2"],
+        "{outcomes:?}"
+    );
+    let records = |mb: &MailboxId| {
+        let store = store.clone();
+        let mb = mb.clone();
+        async move {
+            store
+                .fetch(&mb, 0, 100)
+                .await
+                .expect("fetch")
+                .into_iter()
+                .map(|m| (m.seq, m.record))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        records(&a).await,
+        vec![(1, vec![1]), (2, vec![2]), (3, vec![4]), (4, vec![5])]
+    );
+    assert_eq!(records(&b).await, vec![(1, vec![3]), (2, vec![7])]);
+    assert!(store.append_many(Vec::new()).await.is_empty());
 }
 
 pub async fn ack_deletes_messages_up_to_seq_and_seqs_are_never_reused(h: &dyn StoreHarness) {

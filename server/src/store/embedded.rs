@@ -21,7 +21,8 @@ use redb::{
 
 use super::seal::{DataKeyRing, Slot, Table};
 use super::{
-    AppendOutcome, DEDUP_WINDOW, MailboxId, MessageId, Prekey, Store, StoreError, StoredMessage,
+    AppendOutcome, AppendRequest, DEDUP_WINDOW, MailboxId, MessageId, Prekey, Store, StoreError,
+    StoredMessage,
 };
 
 /// The database file inside the data directory.
@@ -147,6 +148,40 @@ impl Inner {
         }
         txn.commit().map_err(db_err)?;
         Ok(out)
+    }
+}
+
+fn committer_stopped() -> StoreError {
+    StoreError::Backend("the append committer stopped".into())
+}
+
+type AppendAnswer = tokio::sync::oneshot::Receiver<Result<AppendOutcome, StoreError>>;
+
+impl EmbeddedStore {
+    /// Queues appends, in order and all under one lock (so one batch of a caller is never
+    /// interleaved with another's), for the group committer, starting it if it is idle.
+    fn enqueue_appends(&self, appends: Vec<AppendRequest>) -> Vec<AppendAnswer> {
+        let mut answers = Vec::with_capacity(appends.len());
+        let start_committer = {
+            let mut queue = self.inner.appends.lock().unwrap_or_else(|e| e.into_inner());
+            for a in appends {
+                let (done, answer) = tokio::sync::oneshot::channel();
+                queue.pending.push(PendingAppend {
+                    mailbox: a.mailbox,
+                    message_id: a.message_id,
+                    record: a.record,
+                    max_depth: a.max_depth,
+                    done,
+                });
+                answers.push(answer);
+            }
+            !answers.is_empty() && !std::mem::replace(&mut queue.committing, true)
+        };
+        if start_committer {
+            let inner = Arc::clone(&self.inner);
+            tokio::task::spawn_blocking(move || inner.commit_appends());
+        }
+        answers
     }
 }
 
@@ -653,25 +688,28 @@ impl Store for EmbeddedStore {
         record: Vec<u8>,
         max_depth: u64,
     ) -> Result<AppendOutcome, StoreError> {
-        let (done, answer) = tokio::sync::oneshot::channel();
-        let start_committer = {
-            let mut queue = self.inner.appends.lock().unwrap_or_else(|e| e.into_inner());
-            queue.pending.push(PendingAppend {
-                mailbox: mailbox.clone(),
-                message_id,
-                record,
-                max_depth,
-                done,
-            });
-            !std::mem::replace(&mut queue.committing, true)
+        let request = AppendRequest {
+            mailbox: mailbox.clone(),
+            message_id,
+            record,
+            max_depth,
         };
-        if start_committer {
-            let inner = Arc::clone(&self.inner);
-            tokio::task::spawn_blocking(move || inner.commit_appends());
+        let mut answers = self.enqueue_appends(vec![request]);
+        match answers.pop() {
+            Some(answer) => answer.await.unwrap_or_else(|_| Err(committer_stopped())),
+            None => Err(committer_stopped()),
         }
-        answer
-            .await
-            .map_err(|_| StoreError::Backend("the append committer stopped".into()))?
+    }
+
+    async fn append_many(
+        &self,
+        appends: Vec<AppendRequest>,
+    ) -> Vec<Result<AppendOutcome, StoreError>> {
+        let mut out = Vec::with_capacity(appends.len());
+        for answer in self.enqueue_appends(appends) {
+            out.push(answer.await.unwrap_or_else(|_| Err(committer_stopped())));
+        }
+        out
     }
 
     async fn fetch(

@@ -84,6 +84,15 @@ pub struct AppendOutcome {
     pub duplicate: bool,
 }
 
+/// One append of a [`Store::append_many`] batch: the arguments of [`Store::append`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendRequest {
+    pub mailbox: MailboxId,
+    pub message_id: MessageId,
+    pub record: Vec<u8>,
+    pub max_depth: u64,
+}
+
 /// One message read from a mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -167,6 +176,23 @@ pub trait Store: Send + Sync {
         record: Vec<u8>,
         max_depth: u64,
     ) -> Result<AppendOutcome, StoreError>;
+    /// Appends several messages in the order given, each with the outcome [`Store::append`]
+    /// would give it alone (one full mailbox or duplicate does not affect the others). Lets a
+    /// connection that pipelines its sends have them committed together: the embedded store
+    /// puts the whole batch into one group commit. The default appends one after another.
+    async fn append_many(
+        &self,
+        appends: Vec<AppendRequest>,
+    ) -> Vec<Result<AppendOutcome, StoreError>> {
+        let mut out = Vec::with_capacity(appends.len());
+        for a in appends {
+            out.push(
+                self.append(&a.mailbox, a.message_id, a.record, a.max_depth)
+                    .await,
+            );
+        }
+        out
+    }
     /// Up to `limit` messages with `seq > after_seq`, in seq order.
     async fn fetch(
         &self,
