@@ -26,11 +26,10 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
-use hkdf::Hkdf;
+#[cfg(test)]
 use hmac::{Hmac, Mac};
 use rand_core::CryptoRngCore;
+#[cfg(test)]
 use sha2::Sha256;
 use thiserror::Error;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -59,7 +58,7 @@ const RATCHET_INFO: &[u8] = b"ChatApp_Ratchet_v1";
 const MESSAGE_KEYS_INFO: &[u8] = b"ChatApp_MessageKey_v2";
 const KIND_MESSAGE: u8 = 0;
 const KIND_INITIAL: u8 = 1;
-const AEAD_TAG_LEN: usize = 16;
+const AEAD_TAG_LEN: usize = chat_core_prims::TAG_LEN;
 
 /// Why a session operation failed. A failed `decrypt` leaves the session unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -91,11 +90,12 @@ pub enum SessionError {
 // ---------------------------------------------------------------------------------------------
 // Primitives shared with the group (sender key) protocol.
 
+// The primitives themselves live in `chat-core-prims`, a crate of their own so that the wasm
+// build can optimise them for speed and the rest of chat-core for size (see its docs).
+
 /// HKDF-SHA256 into `out`, which must be at most 255 × 32 bytes (all callers use 32–64).
 pub(crate) fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) {
-    Hkdf::<Sha256>::new(Some(salt), ikm)
-        .expand(info, out)
-        .unwrap_or_else(|_| unreachable!("HKDF-SHA256 output lengths here are at most 64 bytes"));
+    chat_core_prims::hkdf_sha256(salt, ikm, info, out);
 }
 
 #[cfg(test)]
@@ -109,16 +109,7 @@ fn hmac_sha256(key: &[u8; 32], data: &[u8]) -> Zeroizing<[u8; 32]> {
 /// KDF_CK: (message key, next chain key) = (HMAC(ck, 0x01), HMAC(ck, 0x02)). The key is
 /// hashed into HMAC's inner and outer states once and the keyed state cloned for both.
 pub(crate) fn kdf_ck(chain_key: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
-    let keyed = <Hmac<Sha256> as Mac>::new_from_slice(chain_key)
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-    let mut message_mac = keyed.clone();
-    message_mac.update(&[0x01]);
-    let mut chain_mac = keyed;
-    chain_mac.update(&[0x02]);
-    (
-        Zeroizing::new(message_mac.finalize().into_bytes().into()),
-        Zeroizing::new(chain_mac.finalize().into_bytes().into()),
-    )
+    chat_core_prims::kdf_ck(chain_key)
 }
 
 /// KDF_RK: (root key, chain key).
@@ -136,22 +127,20 @@ fn kdf_rk(root_key: &[u8; 32], dh_out: &[u8; 32]) -> (Zeroizing<[u8; 32]>, Zeroi
 /// i.e. HMAC(message key, info || 0x01). The message key is already uniformly random, so the
 /// HKDF extract step is skipped (RFC 5869 §3.3).
 fn aead_key(message_key: &[u8; 32], info: &[u8]) -> Zeroizing<[u8; 32]> {
-    let mut key = Zeroizing::new([0u8; 32]);
-    Hkdf::<Sha256>::from_prk(message_key)
-        .unwrap_or_else(|_| unreachable!("a 32-byte PRK is the hash length"))
-        .expand(info, key.as_mut())
-        .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA256 output length"));
-    key
+    chat_core_prims::hkdf_expand_32(message_key, info)
 }
 
 /// Every AEAD key encrypts exactly one message, so the nonce is the constant zero: a nonce
 /// derived from the same secret would add nothing.
 const AEAD_NONCE: [u8; 12] = [0; 12];
 
-fn aead_seal_in_place(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], buffer: &mut [u8]) -> Tag {
-    ChaCha20Poly1305::new(Key::from_slice(key))
-        .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buffer)
-        .unwrap_or_else(|_| unreachable!("ChaCha20-Poly1305 encrypts any length below 256 GiB"))
+fn aead_seal_in_place(
+    key: &[u8; 32],
+    nonce: &[u8; 12],
+    aad: &[u8],
+    buffer: &mut [u8],
+) -> [u8; AEAD_TAG_LEN] {
+    chat_core_prims::seal_in_place(key, nonce, aad, buffer)
 }
 
 fn aead_open_in_place(
@@ -162,9 +151,7 @@ fn aead_open_in_place(
     tag: &[u8],
 ) -> Option<()> {
     let tag: &[u8; AEAD_TAG_LEN] = tag.try_into().ok()?;
-    ChaCha20Poly1305::new(Key::from_slice(key))
-        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buffer, Tag::from_slice(tag))
-        .ok()
+    chat_core_prims::open_in_place(key, nonce, aad, buffer, tag)
 }
 
 /// Pads `plaintext` into `out` as a length-prefixed ciphertext (`u32 length || ciphertext ||
@@ -302,10 +289,45 @@ struct SkippedKey {
     message_key: [u8; 32],
 }
 
+/// The X3DH associated data (public: both identity keys), followed by the header of the message
+/// at hand, so that the AEAD's associated data (AD || header) is built in one reused buffer
+/// rather than allocated for every message.
+#[derive(Clone)]
+struct AssociatedData {
+    buf: Vec<u8>,
+    ad_len: usize,
+}
+
+impl AssociatedData {
+    fn new(associated_data: Vec<u8>) -> Self {
+        let ad_len = associated_data.len();
+        let mut buf = associated_data;
+        // Room for an ordinary message header (initial messages grow it once).
+        buf.reserve(64);
+        Self { buf, ad_len }
+    }
+
+    /// The X3DH associated data alone.
+    fn x3dh(&self) -> &[u8] {
+        &self.buf[..self.ad_len]
+    }
+
+    /// Makes the buffer `AD || header`.
+    fn set_header(&mut self, header: &[u8]) {
+        self.buf.truncate(self.ad_len);
+        self.buf.extend_from_slice(header);
+    }
+
+    /// `AD || header`, after [`set_header`](Self::set_header).
+    fn with_header(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
 /// A pairwise Double Ratchet session with one remote device.
 #[derive(Clone)]
 pub struct Session {
-    associated_data: Vec<u8>,
+    associated_data: AssociatedData,
     remote_identity: IdentityPublic,
     root_key: Zeroizing<[u8; 32]>,
     self_ratchet: StaticSecret,
@@ -357,7 +379,7 @@ impl Session {
             .ok_or(SessionError::NonContributoryRatchetKey)?;
         let (root_key, chain_key) = kdf_rk(&agreement.shared_secret, &dh_out);
         Ok(Self {
-            associated_data: agreement.associated_data,
+            associated_data: AssociatedData::new(agreement.associated_data),
             remote_identity: bundle.identity,
             root_key,
             self_ratchet_public: PublicKey::from(&self_ratchet),
@@ -387,7 +409,7 @@ impl Session {
             .secret()
             .clone();
         let mut session = Self {
-            associated_data: agreement.associated_data,
+            associated_data: AssociatedData::new(agreement.associated_data),
             remote_identity: header.sender,
             root_key: agreement.shared_secret,
             self_ratchet_public: PublicKey::from(&self_ratchet),
@@ -448,13 +470,11 @@ impl Session {
             .u32(self.previous_send_count)
             .u32(n);
         let mut message = w.into_bytes();
-        let mut aad = Vec::with_capacity(self.associated_data.len() + message.len());
-        aad.extend_from_slice(&self.associated_data);
-        aad.extend_from_slice(&message);
+        self.associated_data.set_header(&message);
         seal_padded_into(
             &message_key,
             MESSAGE_KEYS_INFO,
-            &aad,
+            self.associated_data.with_header(),
             plaintext,
             &mut message,
         );
@@ -488,9 +508,8 @@ impl Session {
     pub fn decrypt(&mut self, message: &[u8]) -> Result<Vec<u8>, SessionError> {
         let parsed = ParsedMessage::parse(message)?;
         let header = parsed.header;
-        let mut aad = Vec::with_capacity(self.associated_data.len() + parsed.header_bytes.len());
-        aad.extend_from_slice(&self.associated_data);
-        aad.extend_from_slice(parsed.header_bytes);
+        self.associated_data.set_header(parsed.header_bytes);
+        let aad = self.associated_data.with_header();
 
         if let Some(pos) = self
             .skipped
@@ -500,7 +519,7 @@ impl Session {
             let plaintext = open_padded(
                 &self.skipped[pos].message_key,
                 MESSAGE_KEYS_INFO,
-                &aad,
+                aad,
                 parsed.ciphertext,
             )
             .ok_or(SessionError::AuthenticationFailed)??;
@@ -511,7 +530,7 @@ impl Session {
 
         let staged = self.stage(&header)?;
         let (message_key, next_key) = kdf_ck(&staged.recv_chain.key);
-        let plaintext = open_padded(&message_key, MESSAGE_KEYS_INFO, &aad, parsed.ciphertext)
+        let plaintext = open_padded(&message_key, MESSAGE_KEYS_INFO, aad, parsed.ciphertext)
             .ok_or(SessionError::AuthenticationFailed)??;
         let next_n = staged.recv_chain.n.saturating_add(1);
         self.commit(
@@ -527,9 +546,14 @@ impl Session {
     /// Computes the receiving chain positioned at `header.n` (and a DH ratchet step when the
     /// header carries a new ratchet key) without touching `self`.
     fn stage(&self, header: &RatchetHeader) -> Result<Staged, SessionError> {
+        // Ratchet keys are compared as bytes, like the skipped-key lookup (and the specification's
+        // header.dh != state.DHr), not as field elements mod p.
         let remote = PublicKey::from(header.ratchet_key);
         let mut new_skipped = Vec::new();
-        let (ratchet, mut chain) = if self.remote_ratchet == Some(remote) {
+        let current = self
+            .remote_ratchet
+            .is_some_and(|k| *k.as_bytes() == header.ratchet_key);
+        let (ratchet, mut chain) = if current {
             match &self.recv_chain {
                 Some(chain) if header.n >= chain.n => (None, chain.clone()),
                 // Our own sending chain's peer key with no receiving chain: nothing to accept.
@@ -537,7 +561,11 @@ impl Session {
                 None => return Err(SessionError::AuthenticationFailed),
             }
         } else {
-            if self.past_remote_ratchets.contains(&remote) {
+            if self
+                .past_remote_ratchets
+                .iter()
+                .any(|k| *k.as_bytes() == header.ratchet_key)
+            {
                 return Err(SessionError::Replay);
             }
             if let (Some(current), Some(chain)) = (&self.remote_ratchet, &self.recv_chain) {
@@ -592,7 +620,7 @@ impl Session {
     /// Serialises the whole state (version byte first). Store it encrypted at rest.
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
         let mut w = Writer::with_capacity(512 + self.skipped.len() * 68);
-        w.u8(SESSION_VERSION).bytes(&self.associated_data);
+        w.u8(SESSION_VERSION).bytes(self.associated_data.x3dh());
         self.remote_identity.write(&mut w);
         let self_ratchet = Zeroizing::new(self.self_ratchet.to_bytes());
         w.fixed(self.root_key.as_ref()).fixed(self_ratchet.as_ref());
@@ -683,7 +711,7 @@ impl Session {
         };
         r.finish()?;
         Ok(Self {
-            associated_data,
+            associated_data: AssociatedData::new(associated_data),
             remote_identity,
             root_key,
             self_ratchet_public: PublicKey::from(&self_ratchet),
