@@ -489,17 +489,20 @@ impl DirectoryLeaf {
     /// [spk signature][version][timestamp]`: 253 bytes plus the username.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(256);
-        w.u8(DIRECTORY_LEAF_VERSION)
-            .str(&self.username)
-            .u32(self.device_id)
-            .fixed(&self.identity_ed25519)
-            .fixed(&self.identity_x25519)
-            .fixed(&self.identity_signature)
-            .u32(self.signed_prekey_id)
-            .fixed(&self.signed_prekey_public)
-            .fixed(&self.signed_prekey_signature)
-            .u64(self.version)
-            .u64(self.timestamp);
+        w.u8(DIRECTORY_LEAF_VERSION).str(&self.username);
+        DeviceKeyFields {
+            device_id: self.device_id,
+            identity_ed25519: self.identity_ed25519,
+            identity_x25519: self.identity_x25519,
+            identity_signature: self.identity_signature,
+            signed_prekey: SignedPrekey {
+                id: self.signed_prekey_id,
+                public: self.signed_prekey_public,
+                signature: self.signed_prekey_signature,
+            },
+        }
+        .write(&mut w);
+        w.u64(self.version).u64(self.timestamp);
         w.into_bytes()
     }
 
@@ -525,15 +528,16 @@ impl DirectoryLeaf {
         if validate_username(&username).is_err() {
             return Err(DecodeError::Invalid("username in directory leaf"));
         }
+        let keys = DeviceKeyFields::read(&mut r)?;
         let leaf = Self {
             username,
-            device_id: r.u32()?,
-            identity_ed25519: r.array()?,
-            identity_x25519: r.array()?,
-            identity_signature: r.array()?,
-            signed_prekey_id: r.u32()?,
-            signed_prekey_public: r.array()?,
-            signed_prekey_signature: r.array()?,
+            device_id: keys.device_id,
+            identity_ed25519: keys.identity_ed25519,
+            identity_x25519: keys.identity_x25519,
+            identity_signature: keys.identity_signature,
+            signed_prekey_id: keys.signed_prekey.id,
+            signed_prekey_public: keys.signed_prekey.public,
+            signed_prekey_signature: keys.signed_prekey.signature,
             version: r.u64()?,
             timestamp: r.u64()?,
         };
@@ -1292,12 +1296,45 @@ fn read_one_time_prekeys(r: &mut Reader<'_>) -> Result<Vec<OneTimePrekey>, Decod
     Ok(prekeys)
 }
 
+/// The key fields [`DeviceBundle`] and [`DirectoryLeaf`] share, laid out alike in both:
+/// `[device_id][ed25519][x25519][identity signature][spk id][spk public][spk signature]`.
+struct DeviceKeyFields {
+    device_id: u32,
+    identity_ed25519: [u8; 32],
+    identity_x25519: [u8; 32],
+    identity_signature: [u8; 64],
+    signed_prekey: SignedPrekey,
+}
+
+impl DeviceKeyFields {
+    fn write(&self, w: &mut Writer) {
+        w.u32(self.device_id)
+            .fixed(&self.identity_ed25519)
+            .fixed(&self.identity_x25519)
+            .fixed(&self.identity_signature);
+        write_signed_prekey(w, &self.signed_prekey);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Self {
+            device_id: r.u32()?,
+            identity_ed25519: r.array()?,
+            identity_x25519: r.array()?,
+            identity_signature: r.array()?,
+            signed_prekey: read_signed_prekey(r)?,
+        })
+    }
+}
+
 fn write_device_bundle(w: &mut Writer, device: &DeviceBundle) {
-    w.u32(device.device_id)
-        .fixed(&device.identity_ed25519)
-        .fixed(&device.identity_x25519)
-        .fixed(&device.identity_signature);
-    write_signed_prekey(w, &device.signed_prekey);
+    DeviceKeyFields {
+        device_id: device.device_id,
+        identity_ed25519: device.identity_ed25519,
+        identity_x25519: device.identity_x25519,
+        identity_signature: device.identity_signature,
+        signed_prekey: device.signed_prekey.clone(),
+    }
+    .write(w);
     match &device.one_time_prekey {
         Some(otk) => w.u8(1).u32(otk.id).fixed(&otk.public),
         None => w.u8(0),
@@ -1306,12 +1343,13 @@ fn write_device_bundle(w: &mut Writer, device: &DeviceBundle) {
 }
 
 fn read_device_bundle(r: &mut Reader<'_>) -> Result<DeviceBundle, DecodeError> {
+    let keys = DeviceKeyFields::read(r)?;
     Ok(DeviceBundle {
-        device_id: r.u32()?,
-        identity_ed25519: r.array()?,
-        identity_x25519: r.array()?,
-        identity_signature: r.array()?,
-        signed_prekey: read_signed_prekey(r)?,
+        device_id: keys.device_id,
+        identity_ed25519: keys.identity_ed25519,
+        identity_x25519: keys.identity_x25519,
+        identity_signature: keys.identity_signature,
+        signed_prekey: keys.signed_prekey,
         one_time_prekey: if r.bool()? {
             Some(OneTimePrekey {
                 id: r.u32()?,
@@ -2104,6 +2142,55 @@ mod tests {
         let mut longest = leaf();
         longest.username = "a".repeat(USERNAME_MAX_LEN);
         assert_eq!(longest.encode().len(), 285);
+    }
+
+    /// The bytes of a directory leaf and of a device bundle, spelled out field by field (not
+    /// through the codec): these layouts are signed into the key directory and must not move.
+    #[test]
+    fn directory_leaf_and_device_bundle_encode_to_fixed_bytes() {
+        let leaf_bytes = [
+            &[1u8][..],
+            &5u32.to_be_bytes(),
+            b"alice",
+            &1u32.to_be_bytes(),
+            &[1; 32],
+            &[2; 32],
+            &[6; 64],
+            &3u32.to_be_bytes(),
+            &[4; 32],
+            &[5; 64],
+            &1u64.to_be_bytes(),
+            &1_700_000_000u64.to_be_bytes(),
+        ]
+        .concat();
+        assert_eq!(leaf().encode(), leaf_bytes);
+        assert_eq!(DirectoryLeaf::decode(&leaf_bytes), Ok(leaf()));
+
+        let otk = OneTimePrekey {
+            id: 8,
+            public: [10; 32],
+        };
+        let otk_bytes = [&[1u8][..], &8u32.to_be_bytes(), &[10; 32]].concat();
+        for (bundle, otk_bytes) in [(device(None), vec![0u8]), (device(Some(otk)), otk_bytes)] {
+            let expected = [
+                &1u32.to_be_bytes()[..],
+                &[4; 32],
+                &[5; 32],
+                &[6; 64],
+                &7u32.to_be_bytes(),
+                &[2; 32],
+                &[3; 64],
+                &otk_bytes,
+                &9u64.to_be_bytes(),
+            ]
+            .concat();
+            let mut w = Writer::new();
+            write_device_bundle(&mut w, &bundle);
+            assert_eq!(w.into_bytes(), expected);
+            let mut r = Reader::new(&expected);
+            assert_eq!(read_device_bundle(&mut r), Ok(bundle));
+            assert_eq!(r.finish(), Ok(()));
+        }
     }
 
     /// The wire's identity fields are the parts of an `IdentityPublic` as identity.rs makes it.
