@@ -30,6 +30,10 @@ pub struct Limits {
     pub shutdown_deadline_secs: u64,
     /// Sockets closed with the reconnect code per batch while draining. Default 200.
     pub drain_batch: usize,
+    /// Frames already received on one socket that are handled as one batch, so that a client
+    /// pipelining its sends gets them stored with one durable commit. 1 handles every frame
+    /// alone (one commit per send). Default 64.
+    pub pipelined_frames: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +48,7 @@ impl Default for Limits {
             max_connections: 20_000,
             shutdown_deadline_secs: 10,
             drain_batch: 200,
+            pipelined_frames: 64,
         }
     }
 }

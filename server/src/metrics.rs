@@ -58,6 +58,8 @@ pub struct Metrics {
     pub connections: AtomicI64,
     pub connections_total: AtomicU64,
     pub frames_in: AtomicU64,
+    /// Batches the received frames were handled in (`frames_in / this` = frames per batch).
+    pub frame_batches: AtomicU64,
     pub frames_out: AtomicU64,
     pub envelopes_stored: AtomicU64,
     pub envelopes_duplicate: AtomicU64,
@@ -117,6 +119,12 @@ impl Metrics {
             "chatapp_frames_in_total",
             "Frames received from clients.",
             &self.frames_in,
+        );
+        counter(
+            &mut out,
+            "chatapp_frame_batches_total",
+            "Batches the received frames were handled in (frames that arrived together on one socket).",
+            &self.frame_batches,
         );
         counter(
             &mut out,

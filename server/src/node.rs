@@ -28,7 +28,7 @@ use crate::bundle::Bundle;
 use crate::config::ServerConfig;
 use crate::directory::{Directory, unix_now};
 use crate::metrics::Metrics;
-use crate::store::{MailboxId, Store, StoreError};
+use crate::store::{AppendOutcome, AppendRequest, MailboxId, Store, StoreError};
 
 /// What is stored in a mailbox per envelope: what `Deliver` needs besides the sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +118,17 @@ impl std::fmt::Debug for Node {
             .finish_non_exhaustive()
     }
 }
+
+/// Sends gathered for [`Node::send_many`]: the fields of a `ClientFrame::Send`.
+struct PendingSend {
+    message_id: MessageId,
+    to_user: String,
+    to_device: u32,
+    envelope: Vec<u8>,
+}
+
+/// Whether runs of sends are batched; the hostile test server intercepts each send alone.
+const PIPELINE_SENDS: bool = !cfg!(feature = "hostile");
 
 /// How a gradual drain closes sessions ([`Node::start_gradual_drain`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +317,54 @@ impl Node {
         let start = Instant::now();
         let out = fut.await;
         self.metrics.store_latency.observe(start.elapsed());
+        out
+    }
+
+    /// Handles frames that arrived together on one connection, in order, and returns the
+    /// answers in order. A run of `Send` frames of a logged-in session is appended with one
+    /// [`Store::append_many`] (one durable group commit on the embedded store) instead of one
+    /// commit each; every other frame goes through [`Node::handle`] as if it came alone.
+    pub async fn handle_encoded<B: AsRef<[u8]>>(
+        &self,
+        session: &mut Session,
+        frames: &[B],
+    ) -> Vec<ServerFrame> {
+        let mut out = Vec::new();
+        let mut sends = Vec::new();
+        for bytes in frames {
+            let decoded = ClientFrame::decode(bytes.as_ref());
+            match decoded {
+                Ok(ClientFrame::Send {
+                    message_id,
+                    to_user,
+                    to_device,
+                    envelope,
+                }) if PIPELINE_SENDS && session.authenticated().is_some() => {
+                    sends.push(PendingSend {
+                        message_id,
+                        to_user,
+                        to_device,
+                        envelope,
+                    });
+                    continue;
+                }
+                _ => {}
+            }
+            if !sends.is_empty() {
+                out.extend(self.send_many(session, std::mem::take(&mut sends)).await);
+            }
+            match decoded {
+                Ok(frame) => out.extend(self.handle(session, frame).await),
+                Err(e) => out.push(ServerFrame::error(
+                    CONN,
+                    ErrorCode::for_decode_error(&e),
+                    e.to_string(),
+                )),
+            }
+        }
+        if !sends.is_empty() {
+            out.extend(self.send_many(session, sends).await);
+        }
         out
     }
 
@@ -684,46 +743,13 @@ impl Node {
         to_device: u32,
         envelope: Vec<u8>,
     ) -> Vec<ServerFrame> {
-        let scope = ErrorScope::Message(message_id);
-        let Some((from_user, from_device)) = session.authenticated() else {
-            return vec![not_authenticated(scope)];
+        let (mailbox, record) = match self
+            .prepare_send(session, message_id, &to_user, to_device, envelope)
+            .await
+        {
+            Ok(prepared) => prepared,
+            Err(frame) => return vec![frame],
         };
-        if envelope.len() > self.config.limits.max_envelope_bytes as usize {
-            return vec![err(
-                scope,
-                ErrorCode::EnvelopeTooLarge,
-                format!(
-                    "envelope of {} bytes exceeds the limit of {}",
-                    envelope.len(),
-                    self.config.limits.max_envelope_bytes
-                ),
-            )];
-        }
-        match self.account(&to_user).await {
-            Ok(Some(r)) if r.device(to_device).is_some() => {}
-            Ok(Some(_)) => {
-                return vec![err(
-                    scope,
-                    ErrorCode::UnknownDevice,
-                    format!("{to_user} has no device {to_device}"),
-                )];
-            }
-            Ok(None) => {
-                return vec![err(
-                    scope,
-                    ErrorCode::UnknownUser,
-                    format!("no user {to_user}"),
-                )];
-            }
-            Err(e) => return vec![e],
-        }
-        let record = MailboxRecord {
-            from_user: from_user.to_owned(),
-            from_device,
-            server_time: unix_now(),
-            envelope,
-        };
-        let mailbox = MailboxId::new(&to_user, to_device);
         #[cfg(feature = "hostile")]
         if let Some(out) = crate::hostile::intercept_send(self, &mailbox, message_id, &record).await
         {
@@ -737,25 +763,153 @@ impl Node {
                 self.config.limits.max_mailbox_depth,
             ))
             .await;
+        if matches!(&result, Ok(outcome) if !outcome.duplicate) {
+            self.backplane.notify(&mailbox).await;
+        }
+        vec![self.send_answer(&mailbox, message_id, result)]
+    }
+
+    /// Sends of one connection that arrived together: checked one by one as [`Node::send`]
+    /// does, appended with one [`Store::append_many`] in their order, answered in their order.
+    async fn send_many(&self, session: &Session, sends: Vec<PendingSend>) -> Vec<ServerFrame> {
+        let mut answers: Vec<Option<ServerFrame>> = Vec::with_capacity(sends.len());
+        let mut appends = Vec::new();
+        for send in sends {
+            match self
+                .prepare_send(
+                    session,
+                    send.message_id,
+                    &send.to_user,
+                    send.to_device,
+                    send.envelope,
+                )
+                .await
+            {
+                Ok((mailbox, record)) => {
+                    appends.push(AppendRequest {
+                        mailbox,
+                        message_id: send.message_id,
+                        record: record.encode(),
+                        max_depth: self.config.limits.max_mailbox_depth,
+                    });
+                    answers.push(None);
+                }
+                Err(frame) => answers.push(Some(frame)),
+            }
+        }
+        let keys: Vec<(MailboxId, MessageId)> = appends
+            .iter()
+            .map(|a| (a.mailbox.clone(), a.message_id))
+            .collect();
+        let results = if appends.is_empty() {
+            Vec::new()
+        } else {
+            self.timed(self.store.append_many(appends)).await
+        };
+        let mut stored_in: Vec<&MailboxId> = Vec::new();
+        let mut results = keys.iter().zip(results);
+        for answer in answers.iter_mut().filter(|a| a.is_none()) {
+            let Some(((mailbox, message_id), result)) = results.next() else {
+                break;
+            };
+            if matches!(&result, Ok(outcome) if !outcome.duplicate) && !stored_in.contains(&mailbox)
+            {
+                stored_in.push(mailbox);
+            }
+            *answer = Some(self.send_answer(mailbox, *message_id, result));
+        }
+        for mailbox in stored_in {
+            self.backplane.notify(mailbox).await;
+        }
+        let answers: Vec<ServerFrame> = answers.into_iter().flatten().collect();
+        let errors = answers
+            .iter()
+            .filter(|f| matches!(f, ServerFrame::Error { .. }))
+            .count();
+        self.metrics.errors_sent.fetch_add(errors as u64, Relaxed);
+        answers
+    }
+
+    /// Checks a send and builds the record to store, or the error frame that answers it.
+    async fn prepare_send(
+        &self,
+        session: &Session,
+        message_id: MessageId,
+        to_user: &str,
+        to_device: u32,
+        envelope: Vec<u8>,
+    ) -> Result<(MailboxId, MailboxRecord), ServerFrame> {
+        let scope = ErrorScope::Message(message_id);
+        let Some((from_user, from_device)) = session.authenticated() else {
+            return Err(not_authenticated(scope));
+        };
+        if envelope.len() > self.config.limits.max_envelope_bytes as usize {
+            return Err(err(
+                scope,
+                ErrorCode::EnvelopeTooLarge,
+                format!(
+                    "envelope of {} bytes exceeds the limit of {}",
+                    envelope.len(),
+                    self.config.limits.max_envelope_bytes
+                ),
+            ));
+        }
+        match self.account(to_user).await {
+            Ok(Some(r)) if r.device(to_device).is_some() => {}
+            Ok(Some(_)) => {
+                return Err(err(
+                    scope,
+                    ErrorCode::UnknownDevice,
+                    format!("{to_user} has no device {to_device}"),
+                ));
+            }
+            Ok(None) => {
+                return Err(err(
+                    scope,
+                    ErrorCode::UnknownUser,
+                    format!("no user {to_user}"),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        let record = MailboxRecord {
+            from_user: from_user.to_owned(),
+            from_device,
+            server_time: unix_now(),
+            envelope,
+        };
+        Ok((MailboxId::new(to_user, to_device), record))
+    }
+
+    /// The answer to a send once the store has answered; counts it.
+    fn send_answer(
+        &self,
+        mailbox: &MailboxId,
+        message_id: MessageId,
+        result: Result<AppendOutcome, StoreError>,
+    ) -> ServerFrame {
+        let scope = ErrorScope::Message(message_id);
         match result {
             Ok(outcome) => {
                 if outcome.duplicate {
                     self.metrics.envelopes_duplicate.fetch_add(1, Relaxed);
                 } else {
                     self.metrics.envelopes_stored.fetch_add(1, Relaxed);
-                    self.backplane.notify(&mailbox).await;
                 }
-                vec![ServerFrame::SendAck {
+                ServerFrame::SendAck {
                     message_id,
                     duplicate: outcome.duplicate,
-                }]
+                }
             }
-            Err(StoreError::MailboxFull { limit }) => vec![err(
+            Err(StoreError::MailboxFull { limit }) => err(
                 scope,
                 ErrorCode::MailboxFull,
-                format!("{to_user}'s device {to_device} has {limit} undelivered envelopes"),
-            )],
-            Err(e) => vec![internal(scope, e)],
+                format!(
+                    "{}'s device {} has {limit} undelivered envelopes",
+                    mailbox.username, mailbox.device_id
+                ),
+            ),
+            Err(e) => internal(scope, e),
         }
     }
 

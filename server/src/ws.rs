@@ -12,10 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use chat_core::wire::{
-    ClientFrame, CloseCode, ErrorCode, ErrorScope, MAX_FRAME_BYTES, ServerFrame,
-};
-use futures_util::{SinkExt, StreamExt};
+use chat_core::wire::{CloseCode, ErrorCode, ErrorScope, MAX_FRAME_BYTES, ServerFrame};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
@@ -112,47 +110,72 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
     let (session_id, mut drain) = node.session_started();
     let mut delivery: Option<tokio::task::JoinHandle<()>> = None;
     let idle = Duration::from_secs(node.config.limits.unauthenticated_idle_secs);
+    let pipelined = node.config.limits.pipelined_frames.max(1);
+    // A message read while gathering a batch that is not part of it, handled next.
+    let mut held = None;
     let close = loop {
+        let authenticated = session.authenticated().is_some();
         let timeout = async {
-            if session.authenticated().is_some() {
+            if authenticated {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(idle).await;
         };
-        tokio::select! {
-            () = crate::node::flipped(&mut shutdown) => break Some((CloseCode::Reconnect, "server draining: reconnect")),
-            Ok(()) = &mut drain => break Some((CloseCode::Reconnect, "server draining: reconnect")),
-            () = timeout => break Some((CloseCode::AuthFailed, "no login in time")),
-            message = stream.next() => match message {
-                Some(Ok(Message::Binary(bytes))) => {
-                    node.metrics.frames_in.fetch_add(1, Relaxed);
-                    let frames = match ClientFrame::decode(&bytes) {
-                        Ok(frame) => node.handle(&mut session, frame).await,
-                        Err(e) => vec![ServerFrame::error(ErrorScope::Connection, ErrorCode::for_decode_error(&e), e.to_string())],
-                    };
-                    for frame in frames {
-                        if out_tx.send(Outgoing::frame(&frame)).await.is_err() {
+        let message = match held.take() {
+            Some(message) => message,
+            None => tokio::select! {
+                () = crate::node::flipped(&mut shutdown) => break Some((CloseCode::Reconnect, "server draining: reconnect")),
+                Ok(()) = &mut drain => break Some((CloseCode::Reconnect, "server draining: reconnect")),
+                () = timeout => break Some((CloseCode::AuthFailed, "no login in time")),
+                message = stream.next() => message,
+            },
+        };
+        match message {
+            Some(Ok(Message::Binary(bytes))) => {
+                // Frames that arrived together are handled together: a client that
+                // pipelines its sends gets them into one durable commit.
+                let mut batch = vec![bytes];
+                while batch.len() < pipelined {
+                    match stream.next().now_or_never() {
+                        Some(Some(Ok(Message::Binary(more)))) => batch.push(more),
+                        Some(other) => {
+                            held = Some(other);
                             break;
                         }
-                    }
-                    if let Some(mailbox) = session.start_delivery.take() {
-                        if let Some(old) = delivery.take() {
-                            old.abort();
-                        }
-                        delivery = Some(tokio::spawn(deliver(node.clone(), mailbox, out_tx.clone())));
+                        None => break,
                     }
                 }
-                Some(Ok(Message::Text(_))) => {
-                    let frame = ServerFrame::error(ErrorScope::Connection, ErrorCode::MalformedFrame, "frames are binary WebSocket messages");
-                    let _ = out_tx.send(Outgoing::frame(&frame)).await;
+                node.metrics
+                    .frames_in
+                    .fetch_add(batch.len() as u64, Relaxed);
+                node.metrics.frame_batches.fetch_add(1, Relaxed);
+                let frames = node.handle_encoded(&mut session, &batch).await;
+                for frame in frames {
+                    if out_tx.send(Outgoing::frame(&frame)).await.is_err() {
+                        break;
+                    }
                 }
-                Some(Ok(Message::Close(_))) | None => break None,
-                Some(Ok(_)) => {} // ping/pong are answered by tungstenite
-                Some(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "websocket read error");
-                    break Some((CloseCode::ProtocolError, "websocket protocol error"));
+                if let Some(mailbox) = session.start_delivery.take() {
+                    if let Some(old) = delivery.take() {
+                        old.abort();
+                    }
+                    delivery = Some(tokio::spawn(deliver(node.clone(), mailbox, out_tx.clone())));
                 }
-            },
+            }
+            Some(Ok(Message::Text(_))) => {
+                let frame = ServerFrame::error(
+                    ErrorScope::Connection,
+                    ErrorCode::MalformedFrame,
+                    "frames are binary WebSocket messages",
+                );
+                let _ = out_tx.send(Outgoing::frame(&frame)).await;
+            }
+            Some(Ok(Message::Close(_))) | None => break None,
+            Some(Ok(_)) => {} // ping/pong are answered by tungstenite
+            Some(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "websocket read error");
+                break Some((CloseCode::ProtocolError, "websocket protocol error"));
+            }
         }
     };
     node.session_ended(session_id);
