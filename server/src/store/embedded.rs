@@ -10,6 +10,7 @@
 //! running and the next write transaction takes them all, one fsync for the batch; each caller
 //! is answered only after that commit, so an acknowledged envelope is still a durable one.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -131,20 +132,17 @@ impl Inner {
     ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         let mut out = Vec::with_capacity(batch.len());
-        for p in batch {
-            match append_in(
-                &txn,
-                &self.keys,
-                &p.mailbox,
-                p.message_id,
-                &p.record,
-                p.max_depth,
-            ) {
-                Err(StoreError::MailboxFull { limit }) => {
-                    out.push(Err(StoreError::MailboxFull { limit }));
+        {
+            let mut appends = AppendTxn::open(&txn)?;
+            for p in batch {
+                match appends.append(&self.keys, &p.mailbox, p.message_id, &p.record, p.max_depth) {
+                    Err(StoreError::MailboxFull { limit }) => {
+                        out.push(Err(StoreError::MailboxFull { limit }));
+                    }
+                    result => out.push(Ok(result?)),
                 }
-                result => out.push(Ok(result?)),
             }
+            appends.finish(&self.keys)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(out)
@@ -419,64 +417,102 @@ fn decode_message(seq: u64, plain: Vec<u8>) -> Result<StoredMessage, StoreError>
 
 /// Appends one message inside `txn` (see [`Store::append`]); refuses before writing anything
 /// when the message is a duplicate or the mailbox is full.
-fn append_in(
-    txn: &WriteTransaction,
-    keys: &DataKeyRing,
-    mailbox: &MailboxId,
-    message_id: MessageId,
-    record: &[u8],
-    max_depth: u64,
-) -> Result<AppendOutcome, StoreError> {
-    let user = mailbox.username.as_str();
-    let device = mailbox.device_id;
-    let mut ids = txn.open_table(MAILBOX_IDS).map_err(db_err)?;
-    if let Some(sealed) = ids.get((user, device, message_id)).map_err(db_err)? {
-        let plain = keys.open(
+/// The mailbox tables of one write transaction of appends: each table opened once, and each
+/// mailbox's state read once and written (sealed) once, by [`AppendTxn::finish`], however
+/// many of the batch's appends go to it.
+struct AppendTxn<'t> {
+    ids: redb::Table<'t, (&'static str, u32, MessageId), &'static [u8]>,
+    states: redb::Table<'t, (&'static str, u32), &'static [u8]>,
+    messages: redb::Table<'t, (&'static str, u32, u64), &'static [u8]>,
+    /// States of the mailboxes appended to, as they will be written.
+    changed: HashMap<MailboxId, MailboxState>,
+}
+
+impl<'t> AppendTxn<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            ids: txn.open_table(MAILBOX_IDS).map_err(db_err)?,
+            states: txn.open_table(MAILBOX_STATE).map_err(db_err)?,
+            messages: txn.open_table(MAILBOX_MESSAGES).map_err(db_err)?,
+            changed: HashMap::new(),
+        })
+    }
+
+    fn append(
+        &mut self,
+        keys: &DataKeyRing,
+        mailbox: &MailboxId,
+        message_id: MessageId,
+        record: &[u8],
+        max_depth: u64,
+    ) -> Result<AppendOutcome, StoreError> {
+        let user = mailbox.username.as_str();
+        let device = mailbox.device_id;
+        if let Some(sealed) = self.ids.get((user, device, message_id)).map_err(db_err)? {
+            let plain = keys.open(
+                Table::MailboxIds,
+                &id_slot(mailbox, &message_id),
+                sealed.value(),
+            )?;
+            let seq = read_u64(&plain, "mailbox id")?;
+            return Ok(AppendOutcome {
+                seq,
+                duplicate: true,
+            });
+        }
+        let mut state = match self.changed.get(mailbox) {
+            Some(state) => *state,
+            None => MailboxState::load(&self.states, keys, mailbox)?,
+        };
+        if state.depth >= max_depth {
+            return Err(StoreError::MailboxFull { limit: max_depth });
+        }
+        let seq = state
+            .last_seq
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Corrupt(format!("mailbox {mailbox}: seq overflow")))?;
+        state.last_seq = seq;
+        state.depth += 1;
+
+        let mut plain = Vec::with_capacity(16 + record.len());
+        plain.extend_from_slice(&message_id);
+        plain.extend_from_slice(record);
+        let sealed = keys.seal(Table::MailboxMessages, &seq_slot(mailbox, seq), &plain)?;
+        self.messages
+            .insert((user, device, seq), sealed.as_slice())
+            .map_err(db_err)?;
+        let sealed_id = keys.seal(
             Table::MailboxIds,
             &id_slot(mailbox, &message_id),
-            sealed.value(),
+            &seq.to_be_bytes(),
         )?;
-        let seq = read_u64(&plain, "mailbox id")?;
-        return Ok(AppendOutcome {
+        self.ids
+            .insert((user, device, message_id), sealed_id.as_slice())
+            .map_err(db_err)?;
+        self.changed.insert(mailbox.clone(), state);
+        Ok(AppendOutcome {
             seq,
-            duplicate: true,
-        });
+            duplicate: false,
+        })
     }
-    let mut states = txn.open_table(MAILBOX_STATE).map_err(db_err)?;
-    let mut state = MailboxState::load(&states, keys, mailbox)?;
-    if state.depth >= max_depth {
-        return Err(StoreError::MailboxFull { limit: max_depth });
-    }
-    let seq = state
-        .last_seq
-        .checked_add(1)
-        .ok_or_else(|| StoreError::Corrupt(format!("mailbox {mailbox}: seq overflow")))?;
-    state.last_seq = seq;
-    state.depth += 1;
 
-    let mut plain = Vec::with_capacity(16 + record.len());
-    plain.extend_from_slice(&message_id);
-    plain.extend_from_slice(record);
-    let sealed = keys.seal(Table::MailboxMessages, &seq_slot(mailbox, seq), &plain)?;
-    let mut messages = txn.open_table(MAILBOX_MESSAGES).map_err(db_err)?;
-    messages
-        .insert((user, device, seq), sealed.as_slice())
-        .map_err(db_err)?;
-    let sealed_id = keys.seal(
-        Table::MailboxIds,
-        &id_slot(mailbox, &message_id),
-        &seq.to_be_bytes(),
-    )?;
-    ids.insert((user, device, message_id), sealed_id.as_slice())
-        .map_err(db_err)?;
-    let sealed_state = keys.seal(Table::MailboxState, &mailbox_slot(mailbox), &state.encode())?;
-    states
-        .insert((user, device), sealed_state.as_slice())
-        .map_err(db_err)?;
-    Ok(AppendOutcome {
-        seq,
-        duplicate: false,
-    })
+    /// Writes the state of every mailbox appended to.
+    fn finish(mut self, keys: &DataKeyRing) -> Result<(), StoreError> {
+        for (mailbox, state) in std::mem::take(&mut self.changed) {
+            let sealed = keys.seal(
+                Table::MailboxState,
+                &mailbox_slot(&mailbox),
+                &state.encode(),
+            )?;
+            self.states
+                .insert(
+                    (mailbox.username.as_str(), mailbox.device_id),
+                    sealed.as_slice(),
+                )
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
