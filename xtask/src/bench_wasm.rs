@@ -1,10 +1,15 @@
-//! `cargo xtask bench-wasm [--runs N]`: chat-core natively against chat-core in wasm, one run.
+//! `cargo xtask bench-wasm [--runs N] [--rounds R]`: chat-core natively against chat-core in
+//! wasm, one run.
 //!
-//! Runs the criterion bench `client-web/core/benches/crypto.rs` (native medians from
-//! `target/criterion/*/new/estimates.json`), builds the wasm with [`crate::wasm::build`], runs
-//! `client-web/wasm/bench/bench.mjs` under Node.js on the same operations, and rewrites the
-//! `bench-wasm` section of docs/BENCHMARKS.md: medians, wasm/native ratio, messages per second
-//! per core for the symmetric ratchet, and the size of both wasm files.
+//! Builds the wasm with [`crate::wasm::build`] first (so that nothing compiles between
+//! measurements), then R rounds (default 1) of: the criterion bench
+//! `client-web/core/benches/crypto.rs` (native medians from
+//! `target/criterion/*/new/estimates.json`), then `client-web/wasm/bench/bench.mjs` under Node.js
+//! on the same operations. Interleaving matters on a shared machine: a load change between a
+//! native phase and a wasm phase moves the ratio, so each ratio is taken within a round and the
+//! table gives the median over rounds (and their range). Rewrites the `bench-wasm` section of
+//! docs/BENCHMARKS.md: medians, wasm/native ratio, messages per second per core for the
+//! symmetric ratchet, and the size of both wasm files.
 
 use std::fs;
 use std::path::Path;
@@ -37,86 +42,118 @@ const RATCHET: &str = "ratchet_encrypt_decrypt_256B";
 /// bench.mjs key of the ratchet through the JS API (glue, copies and allocations included).
 const RATCHET_JS: &str = "ratchet_js_api_256B";
 
+/// One round's medians: native and wasm (in `OPERATIONS` order), the ratchet through the JS API.
+type Round = (Vec<f64>, Vec<f64>, f64);
+
 pub fn run(args: &[String]) -> Result<()> {
     let mut runs: usize = 7;
+    let mut rounds: usize = 1;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--runs" => runs = it.next().context("--runs N")?.parse()?,
-            other => bail!("unknown argument {other}; usage: cargo xtask bench-wasm [--runs N]"),
+            "--rounds" => rounds = it.next().context("--rounds R")?.parse()?,
+            other => bail!(
+                "unknown argument {other}; usage: cargo xtask bench-wasm [--runs N] [--rounds R]"
+            ),
         }
+    }
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
     }
     let root = workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(Into::into)
         .unwrap_or_else(|| root.join("target"));
 
-    status(cargo().args([
-        "bench",
-        "--package",
-        "chat-core",
-        "--bench",
-        "crypto",
-        "--",
-        "--noplot",
-        "--warm-up-time",
-        "2",
-        "--measurement-time",
-        "4",
-    ]))?;
-    let native: Vec<f64> = OPERATIONS
-        .iter()
-        .map(|(id, _)| criterion_median_us(&target.join("criterion").join(id)))
-        .collect::<Result<_>>()?;
-
     // Sizes of what ships; timings from the same app plus the benchmark hook.
     let built = wasm::build(&target.join("bench-wasm-shipped"))?;
     let pkg = target.join("bench-wasm-pkg");
     std::fs::create_dir_all(&pkg)?;
     wasm::build_artifact(wasm::APP_WITH_BENCH_HOOK, &pkg)?;
-    let output = Command::new("node")
-        .arg(root.join("client-web/wasm/bench/bench.mjs"))
-        .arg(&pkg)
-        .arg(runs.to_string())
-        .output()
-        .context("cannot run node (Node.js 18 or later is needed)")?;
-    if !output.status.success() {
-        bail!(
-            "bench.mjs failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let report = String::from_utf8(output.stdout)?;
-    let in_wasm: Vec<f64> = OPERATIONS
-        .iter()
-        .map(|(id, _)| json_number(&report, id))
-        .collect::<Result<_>>()?;
-    let ratchet_js = json_number(&report, RATCHET_JS)?;
-    let node_version = json_string(&report, "node").unwrap_or_default();
 
-    let mut table = format!(
-        "{START}\nCommand: `cargo xtask bench-wasm --runs {runs}` (native: criterion medians of \
-         `client-web/core/benches/crypto.rs`; wasm: `client-web/wasm/bench/bench.mjs` under Node.js \
-         {node_version}, median of {runs} runs after warm-up; same machine, one run).\n\n\
-         | operation | native | wasm | wasm / native |\n|---|---|---|---|\n"
-    );
-    for (((_, label), n), w) in OPERATIONS.iter().zip(&native).zip(&in_wasm) {
-        table.push_str(&format!(
-            "| {label} | {} | {} | {:.2}x |\n",
-            fmt_us(*n),
-            fmt_us(*w),
-            w / n
-        ));
+    // Per round: native medians, wasm medians (OPERATIONS order), the ratchet through the JS API.
+    let mut measured: Vec<Round> = Vec::new();
+    let mut node_version = String::new();
+    for round in 1..=rounds {
+        eprintln!("xtask: bench-wasm round {round} of {rounds}");
+        status(cargo().args([
+            "bench",
+            "--package",
+            "chat-core",
+            "--bench",
+            "crypto",
+            "--",
+            "--noplot",
+            "--warm-up-time",
+            "2",
+            "--measurement-time",
+            "4",
+        ]))?;
+        let native: Vec<f64> = OPERATIONS
+            .iter()
+            .map(|(id, _)| criterion_median_us(&target.join("criterion").join(id)))
+            .collect::<Result<_>>()?;
+        let output = Command::new("node")
+            .arg(root.join("client-web/wasm/bench/bench.mjs"))
+            .arg(&pkg)
+            .arg(runs.to_string())
+            .output()
+            .context("cannot run node (Node.js 18 or later is needed)")?;
+        if !output.status.success() {
+            bail!(
+                "bench.mjs failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let report = String::from_utf8(output.stdout)?;
+        let in_wasm: Vec<f64> = OPERATIONS
+            .iter()
+            .map(|(id, _)| json_number(&report, id))
+            .collect::<Result<_>>()?;
+        let ratchet_js = json_number(&report, RATCHET_JS)?;
+        node_version = json_string(&report, "node").unwrap_or_default();
+        measured.push((native, in_wasm, ratchet_js));
     }
+    let column = |f: &dyn Fn(&Round) -> f64| -> Vec<f64> { measured.iter().map(f).collect() };
+    let native: Vec<f64> = (0..OPERATIONS.len())
+        .map(|i| median(column(&|m| m.0[i])))
+        .collect();
+    let in_wasm: Vec<f64> = (0..OPERATIONS.len())
+        .map(|i| median(column(&|m| m.1[i])))
+        .collect();
+    let ratios: Vec<Vec<f64>> = (0..OPERATIONS.len())
+        .map(|i| column(&|m| m.1[i] / m.0[i]))
+        .collect();
     let ratchet = OPERATIONS
         .iter()
         .position(|(id, _)| *id == RATCHET)
         .unwrap_or(0);
+    let ratchet_js = median(column(&|m| m.2));
+    let ratchet_js_ratios = column(&|m| m.2 / m.0[ratchet]);
+
+    let mut table = format!(
+        "{START}\nCommand: `cargo xtask bench-wasm --runs {runs} --rounds {rounds}` (native: \
+         criterion medians of `client-web/core/benches/crypto.rs`; wasm: \
+         `client-web/wasm/bench/bench.mjs` under Node.js {node_version}, median of {runs} runs \
+         after warm-up; same machine, one run of {rounds} interleaved native-then-wasm round(s); \
+         times are medians over rounds, each ratio is the median of the per-round ratios, range \
+         in brackets).\n\n\
+         | operation | native | wasm | wasm / native |\n|---|---|---|---|\n"
+    );
+    for ((((_, label), n), w), r) in OPERATIONS.iter().zip(&native).zip(&in_wasm).zip(&ratios) {
+        table.push_str(&format!(
+            "| {label} | {} | {} | {} |\n",
+            fmt_us(*n),
+            fmt_us(*w),
+            fmt_ratio(r)
+        ));
+    }
     table.push_str(&format!(
-        "| ratchet encrypt + decrypt, 256 B, through the JS API (`chat_core.js`) | {} | {} | {:.2}x |\n",
+        "| ratchet encrypt + decrypt, 256 B, through the JS API (`chat_core.js`) | {} | {} | {} |\n",
         fmt_us(native[ratchet]),
         fmt_us(ratchet_js),
-        ratchet_js / native[ratchet]
+        fmt_ratio(&ratchet_js_ratios)
     ));
     table.push_str(&format!(
         "\nSymmetric ratchet steps (one 256-byte message encrypted and decrypted, on one core): \
@@ -137,6 +174,30 @@ pub fn run(args: &[String]) -> Result<()> {
     table.push_str(END);
     println!("{table}");
     rewrite_section(&root.join("docs/BENCHMARKS.md"), START, END, &table)
+}
+
+/// Median of a non-empty list (mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// `2.85x` for one round, `2.85x (2.71–2.98)` for several: median and range of the ratios.
+fn fmt_ratio(ratios: &[f64]) -> String {
+    let m = median(ratios.to_vec());
+    if ratios.len() < 2 {
+        return format!("{m:.2}x");
+    }
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{m:.2}x ({lo:.2}–{hi:.2})")
 }
 
 fn fmt_us(us: f64) -> String {
