@@ -441,12 +441,16 @@ impl Node {
             } => self.get_leaves(request_id, start, count).await,
             ClientFrame::Ping { nonce } => vec![ServerFrame::Pong { nonce }],
         };
-        let errors = out
+        self.count_errors(&out);
+        out
+    }
+
+    fn count_errors(&self, frames: &[ServerFrame]) {
+        let errors = frames
             .iter()
             .filter(|f| matches!(f, ServerFrame::Error { .. }))
             .count();
         self.metrics.errors_sent.fetch_add(errors as u64, Relaxed);
-        out
     }
 
     fn hello(&self, session: &mut Session, version: u8) -> Vec<ServerFrame> {
@@ -822,11 +826,7 @@ impl Node {
             self.backplane.notify(mailbox).await;
         }
         let answers: Vec<ServerFrame> = answers.into_iter().flatten().collect();
-        let errors = answers
-            .iter()
-            .filter(|f| matches!(f, ServerFrame::Error { .. }))
-            .count();
-        self.metrics.errors_sent.fetch_add(errors as u64, Relaxed);
+        self.count_errors(&answers);
         answers
     }
 

@@ -464,13 +464,7 @@ impl<'t> AppendTxn<'t> {
             Some(state) => *state,
             None => MailboxState::load(&self.states, keys, mailbox)?,
         };
-        if state.depth >= max_depth {
-            return Err(StoreError::MailboxFull { limit: max_depth });
-        }
-        let seq = state
-            .last_seq
-            .checked_add(1)
-            .ok_or_else(|| StoreError::Corrupt(format!("mailbox {mailbox}: seq overflow")))?;
+        let seq = super::next_seq_unless_full(mailbox, state.last_seq, state.depth, max_depth)?;
         state.last_seq = seq;
         state.depth += 1;
 

@@ -84,6 +84,22 @@ pub struct AppendOutcome {
     pub duplicate: bool,
 }
 
+/// The seq the next message of `mailbox` gets, or `MailboxFull` when it holds `max_depth`
+/// already: the rule of [`Store::append`], shared by the backends.
+pub(crate) fn next_seq_unless_full(
+    mailbox: &MailboxId,
+    last_seq: u64,
+    depth: u64,
+    max_depth: u64,
+) -> Result<u64, StoreError> {
+    if depth >= max_depth {
+        return Err(StoreError::MailboxFull { limit: max_depth });
+    }
+    last_seq
+        .checked_add(1)
+        .ok_or_else(|| StoreError::Corrupt(format!("mailbox {mailbox}: seq overflow")))
+}
+
 /// One append of a [`Store::append_many`] batch: the arguments of [`Store::append`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendRequest {

@@ -665,13 +665,7 @@ impl NatsStore {
                 }
             }
             let state = tail.state;
-            if state.depth >= max_depth {
-                return Err(StoreError::MailboxFull { limit: max_depth });
-            }
-            let seq = state
-                .last_seq
-                .checked_add(1)
-                .ok_or_else(|| StoreError::Corrupt(format!("mailbox {mailbox}: seq overflow")))?;
+            let seq = super::next_seq_unless_full(mailbox, state.last_seq, state.depth, max_depth)?;
             let entry = LogEntry::Message {
                 state: MailboxState {
                     last_seq: seq,
