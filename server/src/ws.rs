@@ -2,7 +2,8 @@
 //! answers, and pushes the device's mailbox once it has logged in.
 //!
 //! tokio-tungstenite over hyper's upgraded connection, no permessage-deflate, messages capped at
-//! `MAX_FRAME_BYTES`, small write buffers (idle sockets must stay cheap). One writer task owns
+//! `MAX_FRAME_BYTES`, small read and write buffers (idle sockets must stay cheap: about 7 KiB
+//! each, see issue #8 in `docs/BENCHMARKS.md`). One writer task owns
 //! the sink; the reader, the delivery loop and shutdown all send to it through a bounded channel,
 //! so a slow reader applies back-pressure instead of growing memory. A session closes with the
 //! reconnect code when the server shuts down or when a gradual drain reaches it.
@@ -13,6 +14,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use chat_core::wire::{CloseCode, ErrorCode, ErrorScope, MAX_FRAME_BYTES, ServerFrame};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -30,16 +32,29 @@ const DELIVERY_BATCH: usize = 64;
 /// Frames queued for one socket before senders wait.
 const OUTBOX: usize = 128;
 
-/// What the writer task sends. Frames travel encoded: the channel's slots are allocated per
-/// socket, so a small item keeps idle sockets cheap.
+/// First read buffer of a socket: login and ack frames fit; tungstenite grows it to the largest
+/// frame the socket receives. Allocated and zero-filled at the upgrade, so every idle socket pays
+/// for it (at 4 KiB it was a third of an idle socket's memory).
+const READ_BUFFER: usize = 1024;
+
+/// What the writer task sends. Frames travel encoded. The channel allocates its slots 32 at a
+/// time per socket (a tokio block, one per idle socket), so the item is kept at 16 bytes: a
+/// 512-byte block instead of the 1 KiB of a `Vec` beside a `(CloseCode, &str)`.
 enum Outgoing {
-    Frame(Vec<u8>),
-    Close(CloseCode, &'static str),
+    Frame(Box<[u8]>),
+    /// Rare: boxed to keep the item small.
+    Close(Box<(CloseCode, &'static str)>),
 }
+
+const _: () = assert!(std::mem::size_of::<Outgoing>() <= 16);
 
 impl Outgoing {
     fn frame(frame: &ServerFrame) -> Self {
-        Outgoing::Frame(frame.encode())
+        Outgoing::Frame(frame.encode().into_boxed_slice())
+    }
+
+    fn close(code: CloseCode, reason: &'static str) -> Self {
+        Outgoing::Close(Box::new((code, reason)))
     }
 }
 
@@ -49,7 +64,7 @@ pub fn websocket_config() -> WebSocketConfig {
     config.max_frame_size = Some(MAX_FRAME_BYTES);
     config.write_buffer_size = 0;
     config.max_write_buffer_size = MAX_FRAME_BYTES * 4;
-    config.read_buffer_size = 4096;
+    config.read_buffer_size = READ_BUFFER;
     config
 }
 
@@ -63,12 +78,21 @@ pub async fn serve(node: Arc<Node>, upgraded: Upgraded, peer: SocketAddr) {
     .await;
     node.metrics.connections.fetch_add(1, Relaxed);
     node.metrics.connections_total.fetch_add(1, Relaxed);
-    run(node.clone(), ws, peer).await;
+    // Split here: an async fn keeps its arguments for its whole life, and the stream itself is
+    // some 300 bytes that `run` would carry beside the halves.
+    let (sink, stream) = ws.split();
+    run(node.clone(), sink, stream, peer).await;
     node.metrics.connections.fetch_sub(1, Relaxed);
 }
 
-async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: SocketAddr) {
-    let (mut sink, mut stream) = ws.split();
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+async fn run(
+    node: Arc<Node>,
+    mut sink: SplitSink<Socket, Message>,
+    mut stream: SplitStream<Socket>,
+    peer: SocketAddr,
+) {
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
     let writer_node = node.clone();
     let writer = tokio::spawn(async move {
@@ -91,7 +115,8 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
                         }
                     };
                 }
-                Outgoing::Close(code, reason) => {
+                Outgoing::Close(close) => {
+                    let (code, reason) = *close;
                     let _ = sink
                         .send(Message::Close(Some(CloseFrame {
                             code: code.as_u16().into(),
@@ -149,7 +174,9 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
                     .frames_in
                     .fetch_add(batch.len() as u64, Relaxed);
                 node.metrics.frame_batches.fetch_add(1, Relaxed);
-                let frames = node.handle_encoded(&mut session, &batch).await;
+                // Boxed: handling frames is a large future (store and directory calls), and
+                // inline it would size this task, which lives as long as the socket.
+                let frames = Box::pin(node.handle_encoded(&mut session, &batch)).await;
                 for frame in frames {
                     if out_tx.send(Outgoing::frame(&frame)).await.is_err() {
                         break;
@@ -191,7 +218,7 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
             .release(&MailboxId::new(username, *device_id));
     }
     if let Some((code, reason)) = close {
-        let _ = out_tx.send(Outgoing::Close(code, reason)).await;
+        let _ = out_tx.send(Outgoing::close(code, reason)).await;
     }
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
@@ -199,7 +226,8 @@ async fn run(node: Arc<Node>, ws: WebSocketStream<TokioIo<Upgraded>>, peer: Sock
 
 /// Pushes every envelope of the mailbox in order, then waits for more.
 async fn deliver(node: Arc<Node>, mailbox: MailboxId, out: mpsc::Sender<Outgoing>) {
-    let notify = node.backplane.subscribe(&mailbox).await;
+    // Boxed: once per session, and with NATS a large future this task would otherwise carry.
+    let notify = Box::pin(node.backplane.subscribe(&mailbox)).await;
     let resync = node.backplane.resync_interval();
     let mut after = 0u64;
     loop {
@@ -212,7 +240,7 @@ async fn deliver(node: Arc<Node>, mailbox: MailboxId, out: mpsc::Sender<Outgoing
             Err(e) => {
                 tracing::error!(error = %e, "mailbox fetch failed");
                 let _ = out
-                    .send(Outgoing::Close(
+                    .send(Outgoing::close(
                         CloseCode::Overloaded,
                         "mailbox unavailable",
                     ))
@@ -227,15 +255,16 @@ async fn deliver(node: Arc<Node>, mailbox: MailboxId, out: mpsc::Sender<Outgoing
                 tracing::error!(seq = item.seq, "undecodable mailbox record skipped");
                 continue;
             };
-            let frame = ServerFrame::Deliver {
+            // Encoded before the await, so the frame is not part of this task's state.
+            let frame = Outgoing::frame(&ServerFrame::Deliver {
                 seq: item.seq,
                 message_id: item.message_id,
                 from_user: record.from_user,
                 from_device: record.from_device,
                 server_time: record.server_time,
                 envelope: record.envelope,
-            };
-            if out.send(Outgoing::frame(&frame)).await.is_err() {
+            });
+            if out.send(frame).await.is_err() {
                 return;
             }
             node.metrics.envelopes_delivered.fetch_add(1, Relaxed);
