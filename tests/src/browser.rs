@@ -52,6 +52,25 @@ pub struct Browser {
 impl Browser {
     /// Starts Chromium on `profile` (kept across launches: the same "browser profile").
     pub async fn launch(profile: &Path) -> Result<Self> {
+        Self::launch_with(profile, &[]).await
+    }
+
+    /// Starts Chromium on `profile` trusting the TLS certificate `cert_pem` (a PEM file) for
+    /// HTTPS sites: the certificate's public key is pinned with
+    /// `--ignore-certificate-errors-spki-list`, so only a server holding that key is accepted
+    /// (every other certificate error still stops the page) and the origin is a secure context
+    /// (service workers included).
+    pub async fn launch_trusting(profile: &Path, cert_pem: &Path) -> Result<Self> {
+        let pin = spki_sha256(cert_pem)?;
+        Self::launch_with(
+            profile,
+            &[format!("--ignore-certificate-errors-spki-list={pin}")],
+        )
+        .await
+    }
+
+    /// Starts Chromium on `profile` with `extra` command-line flags.
+    pub async fn launch_with(profile: &Path, extra: &[String]) -> Result<Self> {
         std::fs::create_dir_all(profile)?;
         let _ = std::fs::remove_file(profile.join("DevToolsActivePort"));
         let log = std::fs::File::create(profile.with_extension("log"))?;
@@ -68,6 +87,7 @@ impl Browser {
                 "--window-size=1100,800",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
             .arg("about:blank")
             .stdout(Stdio::null())
             .stderr(log)
@@ -166,6 +186,56 @@ impl Browser {
         page.cmd("Runtime.enable", json!({})).await?;
         Ok(page)
     }
+}
+
+/// The base64 SHA-256 of the SubjectPublicKeyInfo of the first certificate in `cert_pem`, as
+/// Chromium's `--ignore-certificate-errors-spki-list` takes it (computed with the `openssl` CLI).
+pub fn spki_sha256(cert_pem: &Path) -> Result<String> {
+    let pubkey = Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(cert_pem)
+        .output()
+        .context("cannot run `openssl` (apt-get install openssl)")?;
+    if !pubkey.status.success() {
+        bail!(
+            "openssl x509 -pubkey {}: {}",
+            cert_pem.display(),
+            String::from_utf8_lossy(&pubkey.stderr)
+        );
+    }
+    let der = pipe(
+        &["pkey", "-pubin", "-outform", "der"],
+        &pubkey.stdout,
+        "openssl pkey",
+    )?;
+    let digest = pipe(&["dgst", "-sha256", "-binary"], &der, "openssl dgst")?;
+    if digest.len() != 32 {
+        bail!("openssl dgst -sha256 gave {} bytes", digest.len());
+    }
+    Ok(base64::engine::general_purpose::STANDARD.encode(digest))
+}
+
+/// Runs `openssl ARGS` with `input` on stdin; its stdout.
+fn pipe(args: &[&str], input: &[u8], what: &str) -> Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {what}"))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(input)
+        .with_context(|| format!("cannot write to {what}"))?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out.stdout)
 }
 
 impl Drop for Browser {

@@ -4,9 +4,10 @@
 //! chatting through the gateway, `scale 5` and `scale 2`, and `down --volumes` leaving nothing
 //! labelled with the project. Without a Docker engine these tests fail; they never skip.
 //!
-//! A browser through the gateway is not here yet: the browser suite's harness (Chromium over
-//! CDP, `tests/tests/browser.rs`) is private to that target and serves the bundle from a
-//! plain-HTTP loopback server, while cluster containers serve no bundle and speak TLS only.
+//! A browser chats through the gateway too: `up --bundle` mounts a signed client into the
+//! servers, headless Chromium (the CDP harness of `chat_tests::browser`, trusting only the
+//! project's certificate key) loads and verifies it over the gateway's TLS, and chats with a
+//! native client.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -127,6 +128,10 @@ impl Project {
     }
 
     fn up(&self, replicas: u32) -> Duration {
+        self.up_with(replicas, &[])
+    }
+
+    fn up_with(&self, replicas: u32, extra: &[&str]) -> Duration {
         let server = musl_server().display().to_string();
         let started = Instant::now();
         let keys = self.keys.path().display().to_string();
@@ -143,7 +148,10 @@ impl Project {
             &keys,
             "--server-binary",
             &server,
-        ]);
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>());
         started.elapsed()
     }
 
@@ -385,6 +393,74 @@ fn three_replicas_come_up_healthy_chat_across_instances_stay_put_on_a_second_up_
             "{kind}s left behind"
         );
     }
+}
+
+/// A browser loads the signed client through the gateway of a 2-replica cluster (`up --bundle`),
+/// over the gateway's TLS with the provisioned certificate, and chats with a native client.
+#[test]
+fn a_browser_loads_the_signed_client_through_the_gateway_and_chats_with_a_native_client() {
+    use chat_tests::browser::{Browser, signed_bundle};
+
+    let project = Project::new("web");
+    let bundle = project.work.path().join("bundle");
+    signed_bundle(project.keys.path(), &bundle, "1.0.0", "30d").expect("a signed bundle");
+    let bundle_arg = bundle.display().to_string();
+    project.up_with(2, &["--bundle", &bundle_arg]);
+    assert_eq!(services_and_health(&project.ps()), healthy_cluster(2));
+    wait_gateway_upstreams_ready(&project, 2);
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let cert = project.keys.path().join("tls/server.pem");
+        let browser = Browser::launch_trusting(&project.work.path().join("profile-web"), &cert)
+            .await
+            .expect("chromium");
+        let page = browser.page().await.expect("page");
+        let url = format!("https://localhost:{}/", project.port);
+        page.goto(&url).await.expect("goto");
+        assert_eq!(
+            page.verdict().await.expect("the loader's verdict"),
+            "verified",
+            "the loader must verify the bundle served through the gateway at {url}"
+        );
+        assert_eq!(
+            page.eval("location.protocol + ' ' + window.isSecureContext")
+                .await
+                .expect("eval"),
+            serde_json::json!("https: true")
+        );
+        page.register("webby").await.expect("the browser registers");
+
+        let home = project.work.path().join("native");
+        let mut nate = Client::register(&project.options(&home), "nate")
+            .await
+            .expect("nate registers through the gateway");
+        nate.send_text("webby", "hello from the terminal")
+            .await
+            .expect("native send");
+        page.open_conversation("nate").await.expect("open");
+        page.wait_incoming("hello from the terminal")
+            .await
+            .expect("the browser receives from the native client");
+        page.send("hello from the browser").await.expect("send");
+        page.wait_state("hello from the browser", &["sent", "delivered", "read"])
+            .await
+            .expect("sent");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut got = Vec::new();
+        while got.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the native client got nothing from the browser within 30 s"
+            );
+            got = nate.receive(Duration::from_secs(2)).await.expect("receive");
+        }
+        assert_eq!(
+            got.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+            ["hello from the browser"]
+        );
+    });
+    project.ok(&["down", "--volumes"]);
 }
 
 #[test]

@@ -28,8 +28,10 @@ use crate::{status, workspace_root};
 const START: &str = "<!-- bench-cluster:start -->";
 const END: &str = "<!-- bench-cluster:end -->";
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
-/// How often both sides poll container health (`chatctl up` polls every 250 ms too).
-const POLL: Duration = Duration::from_millis(250);
+/// How often the Compose side's health is polled (`docker ps`, a process each time: about what
+/// this machine sustains without slowing the containers it waits for). `chatctl up` re-reads
+/// on engine events instead.
+const POLL: Duration = Duration::from_millis(100);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(180);
 
 struct Options {
@@ -383,7 +385,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let wait_how = match compose {
         Compose::V2 => "`up --detach --wait`",
         Compose::V1 => {
-            "`up --detach`, then `docker ps` polled every 250 ms until all are healthy \
+            "`up --detach`, then `docker ps` polled every 100 ms until all are healthy \
              (what v2's `--wait` does; v1 has no `--wait`)"
         }
     };

@@ -112,7 +112,8 @@ pub struct UpArgs {
     /// Where the embedded store keeps its data (process runtime).
     #[arg(long, default_value = ".chatctl/data")]
     pub data: PathBuf,
-    /// Serve this signed client bundle at the root URL (process runtime).
+    /// Serve this signed browser client (a `chatctl bundle` + `chatctl sign` directory) at
+    /// https://localhost:PORT/. Default: KEYS/../bundle when it holds a signed release.
     #[arg(long)]
     pub bundle: Option<PathBuf>,
     /// How to run the servers.
@@ -146,6 +147,8 @@ pub struct ClusterSection {
     pub keys: Option<PathBuf>,
     pub bind: Option<String>,
     pub server_binary: Option<PathBuf>,
+    /// The signed browser client to serve (see `--bundle`).
+    pub bundle: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -176,7 +179,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     let port = args.port.or(file.cluster.port).unwrap_or(8443);
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match args.runtime {
-        RuntimeKind::Process => run_process(&rt, &args, &keys_dir, port),
+        RuntimeKind::Process => run_process(&rt, &args, &file, &keys_dir, port),
         RuntimeKind::Docker => {
             let docker = rt
                 .block_on(DockerRuntime::connect())
@@ -190,7 +193,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                     "No Docker engine answers ({}): running one embedded server instead.",
                     e.root_cause()
                 );
-                run_process(&rt, &args, &keys_dir, port)
+                run_process(&rt, &args, &file, &keys_dir, port)
             }
         },
     }
@@ -217,6 +220,7 @@ fn ensure_keys(keys_dir: &Path) -> Result<()> {
 fn run_process(
     rt: &tokio::runtime::Runtime,
     args: &UpArgs,
+    file: &ConfigFile,
     keys_dir: &Path,
     port: u16,
 ) -> Result<()> {
@@ -225,7 +229,10 @@ fn run_process(
         port,
         keys: keys_dir.to_owned(),
         data: args.data.clone(),
-        bundle: super::bundle::bundle_for_up(keys_dir, args.bundle.as_deref()),
+        bundle: super::bundle::bundle_for_up(
+            keys_dir,
+            args.bundle.as_deref().or(file.cluster.bundle.as_deref()),
+        ),
         servers: 1,
     };
     rt.block_on(async move {
@@ -250,32 +257,143 @@ fn run_process(
     })
 }
 
-/// Whether `chat-server serve` of this binary knows `--store` (the NATS store).
-fn server_has_nats_store(binary: &Path) -> bool {
-    std::process::Command::new(binary)
+/// Whether `chat-server serve` of this binary knows `--store` (the NATS store), remembered in
+/// the cache for an unchanged binary.
+fn server_has_nats_store(binary: &Path, cache: &mut image::TagCache) -> bool {
+    let key = image::fingerprint(&[binary], "serve --help: --store")
+        .ok()
+        .map(|f| format!("nats-store:{f}"));
+    if let Some(known) = key.as_deref().and_then(|k| cache.get(k)) {
+        return known == "true";
+    }
+    let has = std::process::Command::new(binary)
         .args(["serve", "--help"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("--store"))
-        .unwrap_or(false)
+        .unwrap_or(false);
+    if let Some(key) = key {
+        cache.put(key, has.to_string());
+    }
+    has
 }
 
-/// Builds `build` unless an image with its tag exists; shows a spinner meanwhile.
-pub async fn ensure_image(runtime: &impl Runtime, build: &ImageBuild) -> Result<()> {
-    if runtime.image_exists(&build.tag).await? {
-        eprintln!(" \u{2714} Image {:<40} Present", build.tag);
+/// Prints how long each phase of `up` took when `CHATCTL_TIMINGS` is set (profiling).
+struct Phases {
+    started: Instant,
+    on: bool,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            on: std::env::var_os("CHATCTL_TIMINGS").is_some_and(|v| !v.is_empty() && v != "0"),
+        }
+    }
+
+    fn mark(&self, what: &str) {
+        if self.on {
+            eprintln!(
+                "[timing] {:>7.3}s {what}",
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// The signed browser client the cluster's servers serve, if any: `explicit` (`--bundle` or
+/// `bundle` in chatctl.toml) must verify with the release key of `keys_dir`; the default,
+/// `KEYS/../bundle`, is served when it holds a release that verifies, and skipped (saying why)
+/// otherwise.
+fn cluster_bundle(
+    keys_dir: &Path,
+    explicit: Option<&Path>,
+) -> Result<Option<cluster::BundleMount>> {
+    let (dir, required) = match explicit {
+        Some(dir) => (dir.to_owned(), true),
+        None => (
+            keys_dir
+                .parent()
+                .map_or_else(|| keys_dir.join(".."), Path::to_path_buf)
+                .join("bundle"),
+            false,
+        ),
+    };
+    let signature = dir.join(chat_signing::manifest::SIGNATURE_FILE);
+    if !required && !signature.is_file() {
+        eprintln!(
+            "No browser client: {} holds no signed release (`chatctl bundle --keys {k} --out {d}` \
+             then `chatctl sign --key {k}/release.key --version X.Y.Z {d}`, or --bundle DIR).",
+            dir.display(),
+            k = keys_dir.display(),
+            d = dir.display()
+        );
+        return Ok(None);
+    }
+    let check = || -> Result<cluster::BundleMount> {
+        let pub_path = keys_dir.join(keys::RELEASE_PUB);
+        let key = chat_signing::release::ReleasePublicKey::from_file_string(
+            &chatctl::files::read_text(&pub_path)?,
+        )
+        .with_context(|| pub_path.display().to_string())?;
+        let policy = chat_signing::manifest::VerifyPolicy {
+            now_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            min_version: None,
+        };
+        super::release::verify_dir(&key, &policy, &dir)?;
+        cluster::BundleMount::of(&dir)
+    };
+    match check() {
+        Ok(mount) => Ok(Some(mount)),
+        Err(e) if required => Err(e.context(format!(
+            "not serving the browser client in {}: it does not verify with {}",
+            dir.display(),
+            keys_dir.join(keys::RELEASE_PUB).display()
+        ))),
+        Err(e) => {
+            eprintln!("Not serving the browser client in {}: {e:#}", dir.display());
+            Ok(None)
+        }
+    }
+}
+
+/// Builds the image `tag` of `recipe` unless the engine has it (`build`: its context, when it
+/// was already made); shows a spinner meanwhile.
+pub async fn ensure_image(
+    runtime: &impl Runtime,
+    recipe: &image::ImageRecipe,
+    tag: &str,
+    build: Option<ImageBuild>,
+) -> Result<()> {
+    if runtime.image_exists(tag).await? {
+        eprintln!(" \u{2714} Image {tag:<40} Present");
         return Ok(());
     }
+    let build = match build {
+        Some(b) => b,
+        // The cached tag's image is gone: make the context (its tag is the same unless a file
+        // changed in a way its stamp did not show, and then the new tag is the right one).
+        None => recipe.build()?,
+    };
     let started = Instant::now();
     let bar = chatctl::progress::spinner(format!(
         "Building image {} ({} MB context)",
         build.tag,
         build.context.len() / 1_000_000
     ));
-    let tag = build.tag.clone();
-    let mut on_line = |line: &str| bar.set_message(format!("Building {tag}: {line}"));
-    let result = runtime.build_image(build, &mut on_line).await;
+    let label = build.tag.clone();
+    let mut on_line = |line: &str| bar.set_message(format!("Building {label}: {line}"));
+    let result = runtime.build_image(&build, &mut on_line).await;
     bar.finish_and_clear();
     result?;
+    if build.tag != tag {
+        bail!(
+            "image {tag} is missing and its files changed meanwhile (now {}): run `chatctl up` again",
+            build.tag
+        );
+    }
     eprintln!(
         " \u{2714} Image {:<40} Built in {:.1}s",
         build.tag,
@@ -292,6 +410,7 @@ fn run_docker(
     keys_dir: &Path,
     port: u16,
 ) -> Result<()> {
+    let phases = Phases::new();
     let project = args
         .project
         .clone()
@@ -306,7 +425,8 @@ fn run_docker(
             .as_deref()
             .or(file.cluster.server_binary.as_deref()),
     )?;
-    let libs = image::shared_libraries(&binary)?;
+    let mut cache = image::TagCache::load();
+    let libs = image::shared_libraries_cached(&binary, &mut cache)?;
     if !libs.is_empty() {
         eprintln!(
             "Note: {} is not static; packaging it with {} libraries from this host \
@@ -317,15 +437,39 @@ fn run_docker(
         );
     }
     let policy = super::supervise::policy(file)?;
+    let bundle = cluster_bundle(
+        &keys_abs,
+        args.bundle.as_deref().or(file.cluster.bundle.as_deref()),
+    )?;
+    let nats_store = server_has_nats_store(&binary, &mut cache);
+    let server_recipe = image::server_recipe(&binary, &mut cache)?;
+    let nats_binary = image::find_nats_server();
+    phases.mark("settings, keys, bundle");
     let started = Instant::now();
     rt.block_on(async {
-        let server_build = image::server_image(&binary)?;
-        ensure_image(docker, &server_build).await?;
-        let nats_base = docker.find_local_image("nats").await?;
-        let nats_binary = image::find_nats_server();
-        let nats_build = image::nats_image(nats_base.as_deref(), nats_binary.as_deref(), &binary)?;
-        ensure_image(docker, &nats_build).await?;
-        let existing = docker.list_containers(&project).await?;
+        // What the engine has, asked all at once.
+        let (nats_base, existing) = tokio::join!(
+            docker.find_local_image("nats"),
+            docker.list_containers(&project)
+        );
+        let (nats_base, existing) = (nats_base?, existing?);
+        let nats_recipe = image::nats_recipe(
+            nats_base.as_deref(),
+            nats_binary.as_deref(),
+            &binary,
+            &mut cache,
+        )?;
+        let (server_tag, server_build) = server_recipe.resolve(&mut cache)?;
+        let (nats_tag, nats_build) = nats_recipe.resolve(&mut cache)?;
+        cache.save();
+        phases.mark("image tags");
+        let (server_ok, nats_ok) = tokio::join!(
+            ensure_image(docker, &server_recipe, &server_tag, server_build),
+            ensure_image(docker, &nats_recipe, &nats_tag, nats_build)
+        );
+        server_ok?;
+        nats_ok?;
+        phases.mark("images present");
         let running_servers = existing
             .iter()
             .filter(|c| c.service == Service::Server)
@@ -338,7 +482,6 @@ fn run_docker(
         if replicas == 0 {
             bail!("--replicas must be at least 1 (use `chatctl down` to stop everything)");
         }
-        let nats_store = server_has_nats_store(&binary);
         if !nats_store {
             eprintln!(
                 "Note: this chat-server has no NATS store yet (`serve --store`); each server keeps \
@@ -355,16 +498,50 @@ fn run_docker(
                 .or(file.cluster.bind.clone())
                 .unwrap_or_else(|| "127.0.0.1".to_owned()),
             keys: keys_abs.clone(),
-            server_image: server_build.tag.clone(),
-            nats_image: nats_build.tag.clone(),
+            server_image: server_tag.clone(),
+            nats_image: nats_tag.clone(),
             nats_store,
+            bundle: bundle.clone(),
         };
-        let changed =
-            cluster::converge(docker, &config, Duration::from_secs(args.wait_timeout)).await?;
+        // With --detach the supervisor is started once every container is (its start-up check
+        // overlaps the wait for health); it heals nothing that is merely starting.
+        let detached_supervisor = args.detach && !args.no_supervisor;
+        let state_dir = args.state_dir.clone();
+        let config_path = args.config.clone();
+        let supervisor_project = project.clone();
+        let (changed, supervisor) = cluster::converge_then(
+            docker,
+            &config,
+            Duration::from_secs(args.wait_timeout),
+            || async move {
+                if !detached_supervisor {
+                    return None;
+                }
+                let spawned = tokio::task::spawn_blocking(move || {
+                    super::supervise::spawn_detached(
+                        &supervisor_project,
+                        config_path.as_deref(),
+                        &state_dir,
+                    )
+                })
+                .await;
+                Some(match spawned {
+                    Ok(result) => result,
+                    Err(e) => Err(anyhow::anyhow!("the supervisor's start failed: {e}")),
+                })
+            },
+        )
+        .await?;
+        phases.mark("all healthy");
         let all = docker.list_containers(&project).await?;
         print_running(&all);
+        let web = if config.bundle.is_some() {
+            " (browser client at /)"
+        } else {
+            ""
+        };
         eprintln!(
-            "{} in {:.1}s: https://localhost:{port} (CA certificate {})",
+            "{} in {:.1}s: https://localhost:{port}{web} (CA certificate {})",
             if changed == 0 { "Up to date" } else { "Ready" },
             started.elapsed().as_secs_f64(),
             keys_abs.join(keys::TLS_CA).display()
@@ -375,10 +552,11 @@ fn run_docker(
             }
             return foreground(docker, &project).await;
         }
-        if args.detach {
-            let pid = super::supervise::spawn_detached(&project, args.config.as_deref(), &args.state_dir)?;
+        if let Some(spawned) = supervisor {
+            let pid = spawned?;
             eprintln!(
-                "Supervisor running (pid {pid}): heals and autoscales the project;                  `chatctl status --project {project}` shows what it does, log in {}.",
+                "Supervisor running (pid {pid}): heals and autoscales the project; \
+                 `chatctl status --project {project}` shows what it does, log in {}.",
                 chatctl::supervisor::status::log_file(&args.state_dir, &project).display()
             );
             return Ok(());

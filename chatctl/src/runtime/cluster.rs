@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::image::{KEYS_MOUNT, NATS_MONITOR_PORT, NATS_PORT, SERVER_PORT};
 use super::{
     ContainerSpec, ContainerStatus, HealthCheck, Mount, MountSource, PublishedPort, Runtime,
-    Service,
+    Service, Watch,
 };
 
 /// Label (on the gateway) holding the [`ClusterConfig`] as JSON, so `scale` can add servers
@@ -39,7 +39,44 @@ pub struct ClusterConfig {
     /// Whether the servers run on the NATS store (`serve --store nats://nats:4222`); when the
     /// server binary predates that flag each server keeps an embedded store in its own volume.
     pub nats_store: bool,
+    /// The signed browser client the servers serve at `/` (bind-mounted read-only at
+    /// [`BUNDLE_MOUNT`]), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<BundleMount>,
 }
+
+/// A signed client bundle directory on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleMount {
+    /// Absolute path.
+    pub dir: PathBuf,
+    /// Device and inode of the directory (see [`crate::runtime::Mount::identity`]).
+    pub identity: String,
+}
+
+impl BundleMount {
+    /// The directory at `dir` (made absolute) and its identity.
+    pub fn of(dir: &std::path::Path) -> Result<Self> {
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|e| anyhow::anyhow!("cannot resolve {}: {e}", dir.display()))?;
+        let meta = std::fs::metadata(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?;
+        if !meta.is_dir() {
+            bail!("{} is not a directory", dir.display());
+        }
+        #[cfg(unix)]
+        let identity = {
+            use std::os::unix::fs::MetadataExt;
+            format!("{}:{}", meta.dev(), meta.ino())
+        };
+        #[cfg(not(unix))]
+        let identity = String::new();
+        Ok(Self { dir, identity })
+    }
+}
+
+/// Where the client bundle is mounted in server containers.
+pub const BUNDLE_MOUNT: &str = "/bundle";
 
 pub fn network_name(project: &str) -> String {
     format!("{project}-net")
@@ -81,6 +118,7 @@ fn keys_mount(config: &ClusterConfig) -> Mount {
         source: MountSource::Host(config.keys.clone()),
         target: KEYS_MOUNT.to_owned(),
         read_only: true,
+        identity: None,
     }
 }
 
@@ -122,6 +160,7 @@ pub fn spec_for(config: &ClusterConfig, service: Service, instance: u32) -> Cont
                 source: MountSource::Volume(nats_volume(project)),
                 target: "/data".to_owned(),
                 read_only: false,
+                identity: None,
             }],
             health: Some(health(
                 &format!("http://localhost:{NATS_MONITOR_PORT}/healthz"),
@@ -149,6 +188,16 @@ pub fn spec_for(config: &ClusterConfig, service: Service, instance: u32) -> Cont
                     source: MountSource::Volume(server_volume(project, instance)),
                     target: "/data".to_owned(),
                     read_only: false,
+                    identity: None,
+                });
+            }
+            if let Some(bundle) = &config.bundle {
+                command.extend(["--bundle".to_owned(), BUNDLE_MOUNT.to_owned()]);
+                mounts.push(Mount {
+                    source: MountSource::Host(bundle.dir.clone()),
+                    target: BUNDLE_MOUNT.to_owned(),
+                    read_only: true,
+                    identity: Some(bundle.identity.clone()),
                 });
             }
             ContainerSpec {
@@ -244,98 +293,198 @@ pub fn report(name: &str, what: &str) {
     eprintln!(" \u{2714} Container {name:<28} {what}");
 }
 
-async fn create_and_start(runtime: &impl Runtime, spec: &ContainerSpec) -> Result<()> {
+async fn ensure_volumes(runtime: &impl Runtime, spec: &ContainerSpec) -> Result<()> {
     for m in &spec.mounts {
         if let MountSource::Volume(v) = &m.source {
             runtime.ensure_volume(&spec.project, v).await?;
         }
     }
-    let id = runtime.create_container(spec).await?;
-    report(&spec.name, "Created");
-    runtime.start_container(&id).await?;
-    report(&spec.name, "Started");
     Ok(())
 }
 
+/// Creates (not starts) a container with its volumes; returns its id.
+async fn create(runtime: &impl Runtime, spec: &ContainerSpec) -> Result<String> {
+    ensure_volumes(runtime, spec).await?;
+    let id = runtime.create_container(spec).await?;
+    report(&spec.name, "Created");
+    Ok(id)
+}
+
+async fn start(runtime: &impl Runtime, id: &str, name: &str) -> Result<()> {
+    runtime.start_container(id).await?;
+    report(name, "Started");
+    Ok(())
+}
+
+async fn create_and_start(runtime: &impl Runtime, spec: &ContainerSpec) -> Result<()> {
+    let id = create(runtime, spec).await?;
+    start(runtime, &id, &spec.name).await
+}
+
+/// Runs `jobs` concurrently; the first error (in order) wins, after all have finished.
+async fn all<F: std::future::Future<Output = Result<()>>>(jobs: Vec<F>) -> Result<()> {
+    futures_util::future::join_all(jobs)
+        .await
+        .into_iter()
+        .collect()
+}
+
 /// Applies the plan for `config`; returns the number of actions taken (0: nothing changed).
+///
+/// Like `docker compose up --wait`, with the same dependency: NATS first, and the servers and
+/// the gateway started once it is healthy. Their containers are created meanwhile, and they are
+/// started together; out-of-date containers are then replaced one at a time (rolling), extra
+/// servers removed, and everything waited for (on engine events, not by sleeping).
 pub async fn converge(
     runtime: &impl Runtime,
     config: &ClusterConfig,
     timeout: Duration,
 ) -> Result<usize> {
-    runtime
-        .ensure_network(&config.project, &network_name(&config.project))
-        .await?;
-    let mut specs = desired(config);
-    let actual = runtime.list_containers(&config.project).await?;
-    let actions = plan(&specs, &actual);
-    let nats_name = container_name(&config.project, Service::Nats, 1);
+    converge_then(runtime, config, timeout, || async {})
+        .await
+        .map(|(count, ())| count)
+}
+
+/// [`converge`], running `meanwhile()` once every container is started (the supervisor's
+/// start, for `up --detach`), concurrently with the wait until all are healthy.
+pub async fn converge_then<F, Fut>(
+    runtime: &impl Runtime,
+    config: &ClusterConfig,
+    timeout: Duration,
+    meanwhile: F,
+) -> Result<(usize, Fut::Output)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future,
+{
+    let project = &config.project;
+    let network_name = network_name(project);
+    let (network, actual) = tokio::join!(
+        runtime.ensure_network(project, &network_name),
+        runtime.list_containers(project)
+    );
+    network?;
+    let specs = desired(config);
+    let actions = plan(&specs, &actual?);
     let count = actions.len();
-    for action in actions {
+    let nats_name = container_name(project, Service::Nats, 1);
+    let (mut nats, mut others): (Vec<Action>, Vec<Action>) = actions
+        .into_iter()
+        .partition(|a| action_name(a) == nats_name);
+    let nats_action = nats.pop();
+    let creates: Vec<ContainerSpec> = others
+        .iter()
+        .filter_map(|a| match a {
+            Action::Create(spec) => Some(spec.clone()),
+            _ => None,
+        })
+        .collect();
+    others.retain(|a| !matches!(a, Action::Create(_)));
+
+    // NATS (and waiting for it) while the other containers are created.
+    let nats_step = async {
+        match nats_action {
+            None => return Ok(()),
+            Some(Action::Create(spec)) => create_and_start(runtime, &spec).await?,
+            Some(Action::Start(c)) => start(runtime, &c.container_id, &c.name).await?,
+            Some(Action::Replace(old, spec)) => replace(runtime, &old, &spec).await?,
+            Some(Action::Remove(c)) => return remove(runtime, &c).await,
+        }
+        wait_ready(runtime, project, std::slice::from_ref(&nats_name), timeout)
+            .await
+            .map(drop)
+    };
+    let create_step = async {
+        let mut ids = Vec::with_capacity(creates.len());
+        for result in
+            futures_util::future::join_all(creates.iter().map(|spec| create(runtime, spec))).await
+        {
+            ids.push(result?);
+        }
+        Ok::<_, anyhow::Error>(ids)
+    };
+    let (nats_done, created) = tokio::join!(nats_step, create_step);
+    nats_done?;
+    let created = created?;
+
+    // Everything that only needs starting, together.
+    let mut starts: Vec<(String, String)> = creates
+        .iter()
+        .zip(created)
+        .map(|(spec, id)| (id, spec.name.clone()))
+        .collect();
+    others.retain(|a| match a {
+        Action::Start(c) => {
+            starts.push((c.container_id.clone(), c.name.clone()));
+            false
+        }
+        _ => true,
+    });
+    all(starts
+        .iter()
+        .map(|(id, name)| start(runtime, id, name))
+        .collect())
+    .await?;
+
+    // Rolling replacement, then removals (highest instances first), as planned.
+    for action in others {
         match action {
-            Action::Create(spec) => {
-                create_and_start(runtime, &spec).await?;
-                if spec.name == nats_name {
-                    wait_ready(
-                        runtime,
-                        &config.project,
-                        std::slice::from_ref(&spec.name),
-                        timeout,
-                    )
-                    .await?;
-                }
-            }
-            Action::Start(c) => {
-                runtime.start_container(&c.container_id).await?;
-                report(&c.name, "Started");
-                if c.name == nats_name {
-                    wait_ready(
-                        runtime,
-                        &config.project,
-                        std::slice::from_ref(&c.name),
-                        timeout,
-                    )
-                    .await?;
-                }
-            }
             Action::Replace(old, spec) => {
-                runtime
-                    .stop_container(&old.container_id, STOP_GRACE_SECS)
-                    .await?;
-                runtime.remove_container(&old.container_id).await?;
-                report(&old.name, "Recreate");
-                create_and_start(runtime, &spec).await?;
-                wait_ready(
-                    runtime,
-                    &config.project,
-                    std::slice::from_ref(&spec.name),
-                    timeout,
-                )
-                .await?;
+                replace(runtime, &old, &spec).await?;
+                wait_ready(runtime, project, std::slice::from_ref(&spec.name), timeout).await?;
                 report(&spec.name, "Healthy");
             }
-            Action::Remove(c) => {
-                runtime
-                    .stop_container(&c.container_id, STOP_GRACE_SECS)
-                    .await?;
-                runtime.remove_container(&c.container_id).await?;
-                report(&c.name, "Removed");
-            }
+            Action::Remove(c) => remove(runtime, &c).await?,
+            Action::Create(_) | Action::Start(_) => {}
         }
     }
-    let names: Vec<String> = specs.drain(..).map(|s| s.name).collect();
-    wait_ready(runtime, &config.project, &names, timeout).await?;
-    Ok(count)
+    let names: Vec<String> = specs.into_iter().map(|s| s.name).collect();
+    let (ready, output) = tokio::join!(wait_ready(runtime, project, &names, timeout), meanwhile());
+    ready?;
+    Ok((count, output))
+}
+
+fn action_name(action: &Action) -> &str {
+    match action {
+        Action::Create(spec) => &spec.name,
+        Action::Start(c) | Action::Replace(c, _) | Action::Remove(c) => &c.name,
+    }
+}
+
+async fn replace(
+    runtime: &impl Runtime,
+    old: &ContainerStatus,
+    spec: &ContainerSpec,
+) -> Result<()> {
+    runtime
+        .stop_container(&old.container_id, STOP_GRACE_SECS)
+        .await?;
+    runtime.remove_container(&old.container_id).await?;
+    report(&old.name, "Recreate");
+    create_and_start(runtime, spec).await
+}
+
+async fn remove(runtime: &impl Runtime, c: &ContainerStatus) -> Result<()> {
+    runtime
+        .stop_container(&c.container_id, STOP_GRACE_SECS)
+        .await?;
+    runtime.remove_container(&c.container_id).await?;
+    report(&c.name, "Removed");
+    Ok(())
 }
 
 /// Waits until every named container is running and healthy (or has no health check).
 /// Fails at once when one has exited, naming it and the next step.
+///
+/// The state is re-read at each engine event of the project ([`Runtime::watch`]: start, die,
+/// health status) and at least every [`RECHECK`]; without events, every [`POLL`].
 pub async fn wait_ready(
     runtime: &impl Runtime,
     project: &str,
     names: &[String],
     timeout: Duration,
 ) -> Result<Vec<ContainerStatus>> {
+    let mut watch: Option<Watch> = runtime.watch(project).await.ok();
     let started = Instant::now();
     loop {
         let all = runtime.list_containers(project).await?;
@@ -364,7 +513,8 @@ pub async fn wait_ready(
         if missing.is_empty() && not_ready.is_empty() {
             return Ok(all);
         }
-        if started.elapsed() > timeout {
+        let elapsed = started.elapsed();
+        if elapsed > timeout {
             bail!(
                 "not healthy within {}s: {}{}; see `chatctl logs --project {project} NAME`",
                 timeout.as_secs(),
@@ -376,9 +526,24 @@ pub async fn wait_ready(
                 }
             );
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        let pause = RECHECK.min(timeout.saturating_sub(elapsed) + Duration::from_millis(10));
+        match watch.as_mut() {
+            Some(events) => {
+                use futures_util::StreamExt;
+                // `Ok(None)`: the stream ended, poll from now on.
+                if let Ok(None) = tokio::time::timeout(pause, events.next()).await {
+                    watch = None;
+                }
+            }
+            None => tokio::time::sleep(POLL).await,
+        }
     }
 }
+
+/// How often the state is re-read while waiting on engine events anyway.
+const RECHECK: Duration = Duration::from_secs(1);
+/// How often it is polled when the engine's event stream is not available.
+const POLL: Duration = Duration::from_millis(100);
 
 /// Stops (gracefully, gateway first, NATS last) and removes every container of the project,
 /// then its networks and, with `volumes`, its volumes. Returns what was removed.
@@ -424,6 +589,7 @@ mod tests {
             server_image: "chatapp/chat-server:1".into(),
             nats_image: "chatapp/nats:1".into(),
             nats_store: true,
+            bundle: None,
         }
     }
 
@@ -523,6 +689,50 @@ mod tests {
         let without = spec_for(&old, Service::Server, 1);
         assert!(!without.command.iter().any(|c| c == "--store"));
         assert!(without.mounts.iter().any(|m| m.target == "/data"));
+    }
+
+    #[test]
+    fn a_bundle_is_mounted_read_only_into_the_servers_only_and_its_identity_counts() {
+        let mut with = config(2);
+        with.bundle = Some(BundleMount {
+            dir: "/srv/bundle".into(),
+            identity: "1:2".into(),
+        });
+        let server = spec_for(&with, Service::Server, 1);
+        assert!(
+            server
+                .command
+                .windows(2)
+                .any(|w| w == ["--bundle", BUNDLE_MOUNT])
+        );
+        let mount = server
+            .mounts
+            .iter()
+            .find(|m| m.target == BUNDLE_MOUNT)
+            .expect("bundle mount");
+        assert!(mount.read_only);
+        let gateway = spec_for(&with, Service::Gateway, 1);
+        assert!(!gateway.mounts.iter().any(|m| m.target == BUNDLE_MOUNT));
+        // The same path replaced by a new directory is a new container config.
+        let mut replaced = with.clone();
+        replaced.bundle = Some(BundleMount {
+            dir: "/srv/bundle".into(),
+            identity: "1:3".into(),
+        });
+        assert_ne!(
+            spec_for(&replaced, Service::Server, 1).config_hash(),
+            server.config_hash()
+        );
+        // Without a bundle nothing changes for existing clusters.
+        assert!(
+            !serde_json::to_string(&spec_for(&config(1), Service::Server, 1))
+                .expect("json")
+                .contains("identity")
+        );
+        // Older gateway labels (no `bundle`) still parse, for `scale` and the supervisor.
+        let old: ClusterConfig =
+            serde_json::from_str(&serde_json::to_string(&config(1)).expect("json")).expect("parse");
+        assert_eq!(old.bundle, None);
     }
 
     #[test]

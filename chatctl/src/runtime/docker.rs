@@ -13,15 +13,15 @@ use bollard::models::{
     VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    BuildImageOptions, BuilderVersion, CreateContainerOptions, ListContainersOptions,
-    ListImagesOptions, ListNetworksOptions, ListVolumesOptions, LogsOptions,
+    BuildImageOptions, BuilderVersion, CreateContainerOptions, EventsOptions,
+    ListContainersOptions, ListImagesOptions, ListNetworksOptions, ListVolumesOptions, LogsOptions,
     RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
 };
 use futures_util::StreamExt;
 
 use super::{
     ContainerSpec, ContainerStatus, Health, ImageBuild, LABEL_CONFIG_HASH, LABEL_INSTANCE,
-    LABEL_PROJECT, LABEL_SERVICE, MountSource, Runtime, Service,
+    LABEL_PROJECT, LABEL_SERVICE, MountSource, Runtime, Service, Watch,
 };
 
 /// A connection to a Docker engine.
@@ -298,6 +298,46 @@ impl Runtime for DockerRuntime {
             Err(e) if is_status(&e, 404) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot remove container {id}")),
         }
+    }
+
+    async fn watch(&self, project: &str) -> Result<Watch> {
+        // From one second ago: the engine replays what happened between this call and the
+        // moment the stream is connected, so nothing is missed (a duplicate only re-reads).
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .saturating_sub(1);
+        let mut filters = Self::project_filter(project);
+        filters.insert("type".to_owned(), vec!["container".to_owned()]);
+        // Not exec_*: every health probe is an exec.
+        filters.insert(
+            "event".to_owned(),
+            [
+                "create",
+                "start",
+                "die",
+                "stop",
+                "kill",
+                "oom",
+                "destroy",
+                "health_status",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        );
+        let options = EventsOptions {
+            since: Some(since.to_string()),
+            until: None,
+            filters: Some(filters),
+        };
+        let stream = self
+            .docker
+            .events(Some(options))
+            // An error ends the stream; listeners fall back to polling.
+            .take_while(|e| std::future::ready(e.is_ok()))
+            .map(|_| ());
+        Ok(Box::pin(stream))
     }
 
     async fn list_containers(&self, project: &str) -> Result<Vec<ContainerStatus>> {

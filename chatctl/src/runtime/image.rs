@@ -160,28 +160,247 @@ pub fn nats_dockerfile(base: &str) -> String {
     )
 }
 
-/// The chat-server image build for a binary.
-pub fn server_image(binary: &Path) -> Result<ImageBuild> {
-    let files = binary_with_libraries(binary, "chat-server")?;
-    let context = build_context(&server_dockerfile(), &files)?;
-    Ok(ImageBuild {
-        tag: content_tag("chatapp/chat-server", &context),
-        context,
+/// A file to copy from the host into an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFile {
+    /// Absolute path inside the image.
+    pub image_path: String,
+    /// Where it is on the host (read only when the image must be built or hashed).
+    pub host: PathBuf,
+    pub mode: u32,
+}
+
+/// An image described by the host files it is made of, before any of them is read: its tag can
+/// come from the [`TagCache`] when none of them changed, so an `up` with cached images reads no
+/// binary at all.
+#[derive(Debug, Clone)]
+pub struct ImageRecipe {
+    /// `chatapp/chat-server`.
+    pub repository: String,
+    pub dockerfile: String,
+    pub files: Vec<HostFile>,
+}
+
+/// What identifies a host file's contents without reading it: path, size, modification and
+/// change times (ns), device and inode. Any write changes the change time.
+fn file_stamp(path: &Path) -> Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Ok(format!(
+            "{}\0{}\0{}.{}\0{}.{}\0{}\0{}",
+            path.display(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+            meta.dev(),
+            meta.ino()
+        ))
+    }
+    #[cfg(not(unix))]
+    {
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        Ok(format!("{}\0{}\0{modified}", path.display(), meta.len()))
+    }
+}
+
+/// SHA-256 (hex) of the stamps of `paths` and `extra`: equal only when no file changed.
+pub fn fingerprint(paths: &[&Path], extra: &str) -> Result<String> {
+    let mut hash = Sha256::new();
+    hash.update(extra.as_bytes());
+    for p in paths {
+        hash.update(b"\0file\0");
+        hash.update(file_stamp(p)?.as_bytes());
+    }
+    Ok(hex::encode(hash.finalize()))
+}
+
+impl ImageRecipe {
+    /// Changes whenever the Dockerfile, a file's place or mode, or a file's contents (by its
+    /// stamp) change.
+    pub fn fingerprint(&self) -> Result<String> {
+        let mut files: Vec<&HostFile> = self.files.iter().collect();
+        files.sort_by(|a, b| a.image_path.cmp(&b.image_path));
+        let mut extra = format!("{}\0{}", self.repository, self.dockerfile);
+        for f in &files {
+            extra.push_str(&format!("\0{}\0{:o}", f.image_path, f.mode));
+        }
+        let paths: Vec<&Path> = files.iter().map(|f| f.host.as_path()).collect();
+        fingerprint(&paths, &extra)
+    }
+
+    /// Reads the files and makes the build context; its tag is the hash of the context.
+    pub fn build(&self) -> Result<ImageBuild> {
+        let mut files = Vec::with_capacity(self.files.len());
+        for f in &self.files {
+            // Follow symlinks: the image gets the real bytes under the name the loader asks for.
+            let bytes = std::fs::read(&f.host)
+                .with_context(|| format!("cannot read {}", f.host.display()))?;
+            files.push(ImageFile {
+                path: f.image_path.clone(),
+                bytes,
+                mode: f.mode,
+            });
+        }
+        let context = build_context(&self.dockerfile, &files)?;
+        Ok(ImageBuild {
+            tag: content_tag(&self.repository, &context),
+            context,
+        })
+    }
+
+    /// The image's tag: from `cache` when no file changed since it was computed, else by
+    /// making the context (returned too, so that a build does not read the files again).
+    pub fn resolve(&self, cache: &mut TagCache) -> Result<(String, Option<ImageBuild>)> {
+        let key = format!("image:{}", self.fingerprint()?);
+        if let Some(tag) = cache.get(&key) {
+            return Ok((tag.to_owned(), None));
+        }
+        let build = self.build()?;
+        cache.put(key, build.tag.clone());
+        Ok((build.tag.clone(), Some(build)))
+    }
+}
+
+/// Facts computed from host files that `up` needs every time (image tags, the libraries `ldd`
+/// lists, the flags a binary knows), keyed by the files' [`fingerprint`]: a JSON file in the
+/// user's cache directory (`$XDG_CACHE_HOME/chatctl/facts.json`, else `~/.cache/...`). A
+/// missing, unreadable or unwritable cache only costs the time to compute them again.
+#[derive(Debug, Default)]
+pub struct TagCache {
+    path: Option<PathBuf>,
+    entries: std::collections::BTreeMap<String, String>,
+    dirty: bool,
+}
+
+/// Entries kept at most (the oldest binaries' entries are dropped first, by name order).
+const CACHE_ENTRIES: usize = 256;
+
+impl TagCache {
+    /// The cache of this user (empty when there is no cache directory or file).
+    pub fn load() -> Self {
+        let dir = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+        match dir {
+            Some(dir) => Self::at(dir.join("chatctl").join("facts.json")),
+            None => Self::default(),
+        }
+    }
+
+    /// The cache in the file `path`.
+    pub fn at(path: PathBuf) -> Self {
+        let entries = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        Self {
+            path: Some(path),
+            entries,
+            dirty: false,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.entries.get(key).map(String::as_str)
+    }
+
+    pub fn put(&mut self, key: String, value: String) {
+        if self.entries.get(&key) != Some(&value) {
+            self.entries.insert(key, value);
+            self.dirty = true;
+        }
+    }
+
+    /// Writes the cache back if anything changed; failures are ignored (it is only a cache).
+    pub fn save(&mut self) {
+        let Some(path) = &self.path else { return };
+        if !self.dirty {
+            return;
+        }
+        while self.entries.len() > CACHE_ENTRIES {
+            let Some(first) = self.entries.keys().next().cloned() else {
+                break;
+            };
+            self.entries.remove(&first);
+        }
+        if let Ok(json) = serde_json::to_vec(&self.entries) {
+            if crate::files::write_atomic(path, &json, crate::files::Mode::Public).is_ok() {
+                self.dirty = false;
+            }
+        }
+    }
+}
+
+/// [`shared_libraries`] through the cache (keyed by the binary's stamp).
+pub fn shared_libraries_cached(binary: &Path, cache: &mut TagCache) -> Result<Vec<PathBuf>> {
+    let key = format!("ldd:{}", fingerprint(&[binary], "")?);
+    if let Some(list) = cache
+        .get(&key)
+        .and_then(|v| serde_json::from_str::<Vec<PathBuf>>(v).ok())
+    {
+        return Ok(list);
+    }
+    let libs = shared_libraries(binary)?;
+    if let Ok(json) = serde_json::to_string(&libs) {
+        cache.put(key, json);
+    }
+    Ok(libs)
+}
+
+/// A binary and its libraries as host files (`/NAME`, and the libraries at their host paths).
+pub fn binary_with_libraries_cached(
+    binary: &Path,
+    name: &str,
+    cache: &mut TagCache,
+) -> Result<Vec<HostFile>> {
+    let mut files = vec![HostFile {
+        image_path: format!("/{name}"),
+        host: binary.to_owned(),
+        mode: 0o755,
+    }];
+    for lib in shared_libraries_cached(binary, cache)? {
+        files.push(HostFile {
+            image_path: lib.display().to_string(),
+            host: lib,
+            mode: 0o755,
+        });
+    }
+    Ok(files)
+}
+
+/// The chat-server image of a binary.
+pub fn server_recipe(binary: &Path, cache: &mut TagCache) -> Result<ImageRecipe> {
+    Ok(ImageRecipe {
+        repository: "chatapp/chat-server".to_owned(),
+        dockerfile: server_dockerfile(),
+        files: binary_with_libraries_cached(binary, "chat-server", cache)?,
     })
 }
 
-/// The NATS image build: `base` is a local `nats:<tag>` image (its `/nats-server` is used) or
-/// `None` to package `nats_binary`.
-pub fn nats_image(
+/// The NATS image: `base` is a local `nats:<tag>` image (its `/nats-server` is used) or `None`
+/// to package `nats_binary`; `/chat-server` rides along as the health probe.
+pub fn nats_recipe(
     base: Option<&str>,
     nats_binary: Option<&Path>,
     server_binary: &Path,
-) -> Result<ImageBuild> {
-    let mut files = binary_with_libraries(server_binary, "chat-server")?;
+    cache: &mut TagCache,
+) -> Result<ImageRecipe> {
+    let mut files = binary_with_libraries_cached(server_binary, "chat-server", cache)?;
     let from = match (base, nats_binary) {
         (Some(base), _) => base.to_owned(),
         (None, Some(nats)) => {
-            files.extend(binary_with_libraries(nats, "nats-server")?);
+            files.extend(binary_with_libraries_cached(nats, "nats-server", cache)?);
             "scratch".to_owned()
         }
         (None, None) => bail!(
@@ -189,13 +408,27 @@ pub fn nats_image(
              install it (`apt-get install nats-server`) or load a `nats` image"
         ),
     };
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    files.dedup_by(|a, b| a.path == b.path);
-    let context = build_context(&nats_dockerfile(&from), &files)?;
-    Ok(ImageBuild {
-        tag: content_tag("chatapp/nats", &context),
-        context,
+    files.sort_by(|a, b| a.image_path.cmp(&b.image_path));
+    files.dedup_by(|a, b| a.image_path == b.image_path);
+    Ok(ImageRecipe {
+        repository: "chatapp/nats".to_owned(),
+        dockerfile: nats_dockerfile(&from),
+        files,
     })
+}
+
+/// The chat-server image build for a binary (reads it; no cache).
+pub fn server_image(binary: &Path) -> Result<ImageBuild> {
+    server_recipe(binary, &mut TagCache::default())?.build()
+}
+
+/// The NATS image build (reads every file; no cache); see [`nats_recipe`].
+pub fn nats_image(
+    base: Option<&str>,
+    nats_binary: Option<&Path>,
+    server_binary: &Path,
+) -> Result<ImageBuild> {
+    nats_recipe(base, nats_binary, server_binary, &mut TagCache::default())?.build()
 }
 
 /// Finds the local `nats-server` binary: `$PATH`, then `/usr/sbin` and `/usr/bin`.
@@ -289,6 +522,34 @@ mod tests {
         }];
         let c = build_context(&server_dockerfile(), &other).expect("context");
         assert_ne!(content_tag("r", &a), content_tag("r", &c));
+    }
+
+    #[test]
+    fn the_cache_gives_the_tag_without_reading_and_notices_a_changed_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let binary = dir.path().join("chat-server");
+        std::fs::write(&binary, b"one").expect("write");
+        let recipe = ImageRecipe {
+            repository: "r".into(),
+            dockerfile: server_dockerfile(),
+            files: vec![HostFile {
+                image_path: "/chat-server".into(),
+                host: binary.clone(),
+                mode: 0o755,
+            }],
+        };
+        let mut cache = TagCache::at(dir.path().join("cache/facts.json"));
+        let (tag, build) = recipe.resolve(&mut cache).expect("resolve");
+        assert_eq!(build.expect("built the first time").tag, tag);
+        cache.save();
+        let mut cache = TagCache::at(dir.path().join("cache/facts.json"));
+        let (again, build) = recipe.resolve(&mut cache).expect("resolve");
+        assert_eq!((again.as_str(), build.is_none()), (tag.as_str(), true));
+        std::fs::write(&binary, b"two").expect("rewrite");
+        let (changed, build) = recipe.resolve(&mut cache).expect("resolve");
+        assert!(build.is_some(), "a rewritten file must be read again");
+        assert_ne!(changed, tag);
+        assert_eq!(changed, recipe.build().expect("build").tag);
     }
 
     #[test]

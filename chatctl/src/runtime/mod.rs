@@ -10,6 +10,7 @@ pub mod process;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::pin::Pin;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,11 @@ pub struct Mount {
     pub source: MountSource,
     pub target: String,
     pub read_only: bool,
+    /// Which host directory this is beyond its path (device and inode): a directory replaced at
+    /// the same path (as `chatctl bundle` does) is a different mount, so the container that still
+    /// sees the old one is out of date. Part of the config hash only when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// A container health check, run inside the container.
@@ -215,6 +221,10 @@ pub struct ImageBuild {
     pub context: Vec<u8>,
 }
 
+/// Wakes up whenever something happened to a container of a project (engine events: start,
+/// die, health status, ...). It may also wake for nothing; listeners re-read the state.
+pub type Watch = Pin<Box<dyn futures_util::Stream<Item = ()> + Send>>;
+
 /// Where containers run. Every object it creates carries the project label, and every listing
 /// is filtered by it, so two projects never touch each other.
 #[allow(async_fn_in_trait)]
@@ -236,6 +246,8 @@ pub trait Runtime {
     async fn stop_container(&self, id: &str, grace_secs: u32) -> Result<()>;
     /// Removes a container (forcefully, with its anonymous volumes).
     async fn remove_container(&self, id: &str) -> Result<()>;
+    /// Events of the project's containers from (at the latest) now on; see [`Watch`].
+    async fn watch(&self, project: &str) -> Result<Watch>;
     /// Every container of the project, running or not, sorted by service and instance.
     async fn list_containers(&self, project: &str) -> Result<Vec<ContainerStatus>>;
     /// Networks and volumes carrying the project label (names).
