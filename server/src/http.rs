@@ -23,6 +23,10 @@ use crate::node::{DrainPlan, Node};
 
 pub type Body = Full<Bytes>;
 
+/// A connection's place under `limits.max_connections`, held by the connection and, once it
+/// upgrades, by its WebSocket session.
+pub type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
+
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
@@ -34,7 +38,12 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 }
 
 /// Routes one request.
-pub async fn route(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+pub async fn route(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    slot: Slot,
+    req: Request<Incoming>,
+) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -52,7 +61,7 @@ pub async fn route(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) ->
             );
             response
         }
-        "/v1/ws" => upgrade(node, peer, req),
+        "/v1/ws" => upgrade(node, peer, slot, req),
         "/admin/drain" if peer.ip().is_loopback() => {
             let plan = drain_plan(req.uri().query().unwrap_or_default());
             let open = node.start_gradual_drain(plan);
@@ -95,7 +104,12 @@ fn drain_plan(query: &str) -> DrainPlan {
 }
 
 /// Answers a WebSocket handshake (RFC 6455) and hands the upgraded connection to `ws::serve`.
-fn upgrade(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+fn upgrade(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    slot: Slot,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     if node.is_draining() {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -127,6 +141,7 @@ fn upgrade(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Res
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => crate::ws::serve(node, upgraded, peer).await,
             Err(e) => tracing::debug!(%peer, error = %e, "websocket upgrade failed"),

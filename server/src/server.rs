@@ -197,10 +197,14 @@ async fn accept_loop(
         let node = node.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(node, tcp, peer, tls, watcher).await;
-        });
+        tokio::spawn(serve_connection(
+            node,
+            tcp,
+            peer,
+            tls,
+            watcher,
+            Arc::new(permit),
+        ));
     }
     drop(listener);
     tracing::info!("shutting down: draining connections");
@@ -227,6 +231,9 @@ async fn serve_connection(
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     watcher: hyper_util::server::graceful::Watcher,
+    // The connection's place under `max_connections`. hyper's connection ends when it upgrades,
+    // so a WebSocket takes a clone along and the place is free only once both are gone.
+    slot: crate::http::Slot,
 ) {
     let timeout = node.config.limits.handshake_timeout();
     let mut builder = Builder::new(TokioExecutor::new());
@@ -237,7 +244,8 @@ async fn serve_connection(
     builder.http2().timer(TokioTimer::new());
     let service = service_fn(move |req| {
         let node = node.clone();
-        async move { Ok::<_, std::convert::Infallible>(crate::http::route(node, peer, req).await) }
+        let slot = slot.clone();
+        async move { Ok::<_, std::convert::Infallible>(crate::http::route(node, peer, slot, req).await) }
     });
     let result = match tls {
         Some(acceptor) => {
@@ -262,5 +270,76 @@ async fn serve_connection(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+    use rand_core::OsRng;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn plain_server(dir: &std::path::Path, max_connections: usize) -> RunningServer {
+        let keys = dir.join("keys");
+        std::fs::create_dir_all(&keys).expect("mkdir");
+        let directory_key = DirectorySigningKey::generate(&mut OsRng).to_file_string();
+        std::fs::write(keys.join(DIRECTORY_KEY_FILE), directory_key).expect("write");
+        let data_key = DataKeyRing::generate(&mut OsRng).to_file_string();
+        std::fs::write(keys.join(DATA_KEY_FILE), data_key).expect("write");
+        let mut config = ServerConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir.join("data"),
+            keys,
+        );
+        config.plain_http = true;
+        config.limits.max_connections = max_connections;
+        start(config).await.expect("server starts")
+    }
+
+    /// Whether a plain GET /healthz on a new connection is answered.
+    async fn answered(addr: SocketAddr) -> bool {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let request = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        if tcp.write_all(request.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut out = Vec::new();
+        let _ = tcp.read_to_end(&mut out).await;
+        out.starts_with(b"HTTP/1.1 200")
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_websocket_keeps_its_place_under_the_connection_limit() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let server = plain_server(dir.path(), 1).await;
+        let addr = server.local_addr;
+        assert!(answered(addr).await, "a free server answers");
+        let mut ws = TcpStream::connect(addr).await.expect("connect");
+        ws.write_all(
+            b"GET /v1/ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut head = vec![0u8; 12];
+        ws.read_exact(&mut head).await.expect("read");
+        assert_eq!(&head, b"HTTP/1.1 101");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !answered(addr).await,
+            "the WebSocket holds the only place: a second connection is refused"
+        );
+        drop(ws);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !answered(addr).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the place is freed when the WebSocket closes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server.shutdown().await;
     }
 }
