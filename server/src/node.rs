@@ -811,11 +811,18 @@ impl Node {
             self.timed(self.store.append_many(appends)).await
         };
         let mut stored_in: Vec<&MailboxId> = Vec::new();
-        let mut results = keys.iter().zip(results);
+        // A store answers every append; should one not, that send is refused, never dropped.
+        let mut results = results.into_iter();
+        let mut keys = keys.iter();
         for answer in answers.iter_mut().filter(|a| a.is_none()) {
-            let Some(((mailbox, message_id), result)) = results.next() else {
+            let Some((mailbox, message_id)) = keys.next() else {
                 break;
             };
+            let result = results.next().unwrap_or_else(|| {
+                Err(StoreError::Backend(
+                    "the store gave no outcome for this append".into(),
+                ))
+            });
             if matches!(&result, Ok(outcome) if !outcome.duplicate) && !stored_in.contains(&mailbox)
             {
                 stored_in.push(mailbox);
