@@ -18,6 +18,7 @@ use chatctl::client::{Client, ClientOptions};
 use tempfile::TempDir;
 
 pub mod browser;
+pub mod docker;
 
 /// Paths of the binaries under test.
 #[derive(Debug)]
@@ -33,6 +34,18 @@ pub fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Cargo's target directory (`CARGO_TARGET_DIR`, relative to the workspace, or `target/`).
+pub fn target_dir() -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    if target.is_relative() {
+        workspace_root().join(target)
+    } else {
+        target
+    }
 }
 
 /// Builds (once) and returns the binaries.
@@ -58,15 +71,7 @@ pub fn binaries() -> &'static Binaries {
             "--bin",
             "chat-server-hostile",
         ]);
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| workspace_root().join("target"));
-        let target = if target.is_relative() {
-            workspace_root().join(target)
-        } else {
-            target
-        };
-        let dir = target.join("debug");
+        let dir = target_dir().join("debug");
         Binaries {
             chat_server: dir.join("chat-server"),
             chat_server_hostile: dir.join("chat-server-hostile"),

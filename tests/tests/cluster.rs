@@ -9,79 +9,14 @@
 //! project's certificate key) loads and verifies it over the gateway's TLS, and chats with a
 //! native client.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use chat_tests::docker::{free_port, musl_server, require_docker};
 use chat_tests::{Keys, binaries};
 use chatctl::client::{Client, ClientOptions};
 use chatctl::runtime::{ContainerStatus, Health};
-
-const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
-
-/// Builds (once per run) the static chat-server that goes into the image.
-fn musl_server() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(&cargo)
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "--release",
-                "--target",
-                MUSL_TARGET,
-                "-p",
-                "chat-server",
-            ])
-            .status()
-            .expect("cannot run cargo");
-        assert!(
-            status.success(),
-            "cargo build --release --target {MUSL_TARGET} -p chat-server failed \
-             (needs `rustup target add {MUSL_TARGET}` and `apt-get install musl-tools`)"
-        );
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| workspace_root().join("target"));
-        let target = if target.is_relative() {
-            workspace_root().join(target)
-        } else {
-            target
-        };
-        target.join(MUSL_TARGET).join("release/chat-server")
-    })
-}
-
-/// Fails the test with a clear message when no Docker engine answers.
-fn require_docker() {
-    let out = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "the cluster tests need a running Docker engine; `docker info` failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => panic!("the cluster tests need Docker; cannot run `docker info`: {e}"),
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// A project under test; `down --volumes` when dropped, even after a failure.
 struct Project {
@@ -93,7 +28,7 @@ struct Project {
 
 impl Project {
     fn new(tag: &str) -> Self {
-        require_docker();
+        require_docker("cluster");
         Self {
             name: format!("ct-{tag}-{}", std::process::id()),
             keys: Keys::new().expect("keys"),

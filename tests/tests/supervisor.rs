@@ -9,88 +9,21 @@
 //! delivered, none stored twice. Without a Docker engine these tests fail; they never skip.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use chat_core::wire::{ClientFrame, Envelope, MessageId, ServerFrame};
-use chat_tests::{Keys, binaries};
+use chat_tests::docker::{free_port, musl_server, require_docker};
+use chat_tests::{Keys, binaries, workspace_root};
 use chatctl::client::reconnect::{Backoff, is_transient};
 use chatctl::client::{Client, ClientOptions, DEVICE_ID};
 use chatctl::runtime::ContainerStatus;
 use chatctl::supervisor::status::SupervisorStatus;
 use rand_core::{OsRng, RngCore};
-
-const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
-
-/// Builds (once per run) the static chat-server that goes into the image; `CHATAPP_MUSL_SERVER`
-/// names a prebuilt one instead (to iterate on the supervisor without rebuilding the server).
-fn musl_server() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        if let Some(path) = std::env::var_os("CHATAPP_MUSL_SERVER") {
-            return PathBuf::from(path);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(&cargo)
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "--release",
-                "--target",
-                MUSL_TARGET,
-                "-p",
-                "chat-server",
-            ])
-            .status()
-            .expect("cannot run cargo");
-        assert!(
-            status.success(),
-            "cargo build --release --target {MUSL_TARGET} -p chat-server failed \
-             (needs `rustup target add {MUSL_TARGET}` and `apt-get install musl-tools`)"
-        );
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| workspace_root().join("target"));
-        let target = if target.is_relative() {
-            workspace_root().join(target)
-        } else {
-            target
-        };
-        target.join(MUSL_TARGET).join("release/chat-server")
-    })
-}
-
-fn require_docker() {
-    let out = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "the supervisor tests need a running Docker engine; `docker info` failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => panic!("the supervisor tests need Docker; cannot run `docker info`: {e}"),
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn docker(args: &[&str]) -> Output {
     let out = Command::new("docker").args(args).output().expect("docker");
@@ -122,7 +55,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 impl Project {
     fn new(tag: &str, autoscale: &str) -> Self {
-        require_docker();
+        require_docker("supervisor");
         let work = tempfile::tempdir().expect("tempdir");
         std::fs::write(
             work.path().join("chatctl.toml"),
