@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use chat_core::identity::DeviceKeys;
 use chat_core::ratchet::Session;
-use chat_core::wire::{ClientFrame, Envelope, ErrorScope, ServerFrame};
+use chat_core::wire::{ClientFrame, Envelope, ServerFrame};
 use chatctl::client::conn::{Closed, Connection};
 use chatctl::client::{Client, ClientOptions, DEVICE_ID};
 use rand_core::{OsRng, RngCore};
@@ -253,32 +253,8 @@ impl LoginIdentity {
     /// A new socket (TLS when the URL is https), logged in as this device.
     pub async fn login(&self, server: &str, ca: &Path) -> Result<Connection> {
         let mut conn = Connection::connect(server, ca).await?;
-        conn.send(&ClientFrame::Login {
-            username: self.name.clone(),
-            device_id: DEVICE_ID,
-        })
-        .await?;
-        let nonce = match conn
-            .wait_for(
-                |f| matches!(f, ServerFrame::Challenge { .. }),
-                |s| *s == ErrorScope::Connection,
-            )
-            .await?
-        {
-            ServerFrame::Challenge { nonce } => nonce,
-            _ => bail!("expected a login challenge"),
-        };
-        let signature = self
-            .keys
-            .identity()
-            .sign_login(&nonce, &self.name, DEVICE_ID);
-        conn.send(&ClientFrame::LoginProof { signature }).await?;
-        conn.wait_for(
-            |f| matches!(f, ServerFrame::Welcome { .. }),
-            |s| *s == ErrorScope::Connection,
-        )
-        .await
-        .with_context(|| format!("login as {} failed", self.name))?;
+        conn.login(&self.name, DEVICE_ID, self.keys.identity())
+            .await?;
         Ok(conn)
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use chat_core::identity::IdentityKeyPair;
 use chat_core::wire::{
     ClientFrame, CloseCode, ErrorScope, MAX_FRAME_BYTES, PROTOCOL_VERSION, ServerFrame,
 };
@@ -245,6 +246,40 @@ impl Connection {
             }
             self.pending.push_back(frame);
         }
+    }
+
+    /// Logs in as `username`'s device `device_id`: `Login`, then the challenge signed with the
+    /// device's identity key, then `Welcome`.
+    pub async fn login(
+        &mut self,
+        username: &str,
+        device_id: u32,
+        identity: &IdentityKeyPair,
+    ) -> Result<()> {
+        self.send(&ClientFrame::Login {
+            username: username.to_owned(),
+            device_id,
+        })
+        .await?;
+        let nonce = match self
+            .wait_for(
+                |f| matches!(f, ServerFrame::Challenge { .. }),
+                |s| *s == ErrorScope::Connection,
+            )
+            .await?
+        {
+            ServerFrame::Challenge { nonce } => nonce,
+            _ => bail!("expected a login challenge"),
+        };
+        let signature = identity.sign_login(&nonce, username, device_id);
+        self.send(&ClientFrame::LoginProof { signature }).await?;
+        self.wait_for(
+            |f| matches!(f, ServerFrame::Welcome { .. }),
+            |s| *s == ErrorScope::Connection,
+        )
+        .await
+        .with_context(|| format!("login as {username} failed"))?;
+        Ok(())
     }
 
     /// Sends a request frame built with a fresh request id and waits for its answer.

@@ -423,37 +423,8 @@ impl Client {
 
     async fn login(&mut self) -> Result<()> {
         self.conn
-            .send(&ClientFrame::Login {
-                username: self.name.clone(),
-                device_id: DEVICE_ID,
-            })
-            .await?;
-        let nonce = match self
-            .conn
-            .wait_for(
-                |f| matches!(f, ServerFrame::Challenge { .. }),
-                |s| *s == ErrorScope::Connection,
-            )
-            .await?
-        {
-            ServerFrame::Challenge { nonce } => nonce,
-            _ => bail!("expected a login challenge"),
-        };
-        let signature = self
-            .keys
-            .identity()
-            .sign_login(&nonce, &self.name, DEVICE_ID);
-        self.conn
-            .send(&ClientFrame::LoginProof { signature })
-            .await?;
-        self.conn
-            .wait_for(
-                |f| matches!(f, ServerFrame::Welcome { .. }),
-                |s| *s == ErrorScope::Connection,
-            )
+            .login(&self.name, DEVICE_ID, self.keys.identity())
             .await
-            .with_context(|| format!("login as {} failed", self.name))?;
-        Ok(())
     }
 
     fn save_state(&self) -> Result<()> {
