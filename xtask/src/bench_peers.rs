@@ -2,13 +2,15 @@
 //! beside the systems users would pick instead, measured by the same load generator
 //! (`chatctl bench --peer ...`) in one run, and the bare relay that is the limit.
 //!
-//! Installs what is missing (Debian `nats-server`, `ejabberd`), builds chatctl and chat-server
-//! in release mode, starts on loopback: chat-server with plain HTTP and with TLS (embedded
-//! store, every envelope committed with fsync before its ack), nats-server with a WebSocket
-//! listener, ejabberd with a WebSocket listener (no shaper, in-band registration), and
-//! `chatctl bench relay`. Every process runs with RLIMIT_NOFILE raised to the hard limit. Runs
-//! pairs (max, 50% and 90% of max), group, idle and connect against each and rewrites the
-//! `bench-peers` section of docs/BENCHMARKS.md.
+//! Installs what is missing (Debian `nats-server`, `ejabberd`; Matrix Synapse from PyPI into a
+//! venv under `~/.cache/chatapp-bench/synapse-venv`), builds chatctl and chat-server in release
+//! mode, starts on loopback: chat-server with plain HTTP and with TLS (embedded store, every
+//! envelope committed with fsync before its ack), nats-server with a WebSocket listener,
+//! ejabberd with a WebSocket listener (no shaper, in-band registration), `chatctl bench relay`,
+//! and Synapse with a plain HTTP client listener (SQLite, open registration, rate limits
+//! raised out of the way, presence off). Every process runs with RLIMIT_NOFILE raised to the
+//! hard limit. Runs pairs (max, 50% and 90% of max), group, idle and connect against each and
+//! rewrites the `bench-peers` section of docs/BENCHMARKS.md.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -30,9 +32,33 @@ const CHAT_TLS: &str = "localhost:19443";
 const NATS_WS: &str = "127.0.0.1:19222";
 const XMPP_WS: &str = "127.0.0.1:19290";
 const RELAY_WS: &str = "127.0.0.1:19700";
+const SYNAPSE_HTTP: &str = "127.0.0.1:19808";
 const EJABBERD_NODE: &str = "chatapp_bench@localhost";
 /// ejabberd 23.01 as packaged resets connections and exits near 2000 WebSockets on this machine.
 const EJABBERD_IDLE: usize = 1500;
+/// Every idle Synapse client is a user registered for it (25 to 65 a second here): 1000 keep
+/// the run bounded.
+const SYNAPSE_IDLE: usize = 1000;
+/// Rate limits of Synapse set out of the way (per second and burst).
+const SYNAPSE_RATE_LIMITS: [&str; 17] = [
+    "rc_message",
+    "rc_registration",
+    "rc_login.address",
+    "rc_login.account",
+    "rc_login.failed_attempts",
+    "rc_joins.local",
+    "rc_joins.remote",
+    "rc_joins_per_room",
+    "rc_invites.per_room",
+    "rc_invites.per_user",
+    "rc_invites.per_issuer",
+    "rc_room_creation",
+    "rc_presence.per_user",
+    "rc_key_requests",
+    "rc_user_directory",
+    "rc_profile",
+    "rc_admin_redaction",
+];
 
 struct Options {
     duration: String,
@@ -96,6 +122,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let started = Instant::now();
     install_peers()?;
+    let synapse = install_synapse()?;
     let root = workspace_root();
     status(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -120,13 +147,16 @@ pub fn run(args: &[String]) -> Result<()> {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     let mut peers = Peers::default();
-    let result = measure(&opts, &work, &chatctl, &server, &mut peers, started);
+    let result = measure(
+        &opts, &work, &chatctl, &server, &synapse, &mut peers, started,
+    );
     peers.stop(&work);
     let _ = fs::remove_dir_all(&work);
     result
 }
 
-/// The processes this run started; stopped (by pid) whatever happens.
+/// The processes this run started; stopped (by pid) whatever happens. Synapse is one of the
+/// `children` (one Python process, started directly).
 #[derive(Default)]
 struct Peers {
     children: Vec<Child>,
@@ -171,6 +201,165 @@ fn install_peers() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .with_context(|| format!("cannot install {}", missing.join(" ")))
+}
+
+/// Installs Matrix Synapse from PyPI into `~/.cache/chatapp-bench/synapse-venv` unless it is
+/// there already; the venv's python.
+fn install_synapse() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set: where does the cache go?")?;
+    let venv = PathBuf::from(home).join(".cache/chatapp-bench/synapse-venv");
+    let python = venv.join("bin/python");
+    let installed = Command::new(&python)
+        .args(["-c", "import synapse.app.homeserver"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if installed {
+        eprintln!(
+            "xtask: Matrix Synapse already installed in {}",
+            venv.display()
+        );
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing Matrix Synapse (PyPI matrix-synapse) into {} (about 4 minutes)",
+        venv.display()
+    );
+    if let Some(parent) = venv.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    status(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+        .context("cannot create the Synapse venv (is python3 with venv installed?)")?;
+    status(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "matrix-synapse",
+    ]))
+    .context("cannot install Matrix Synapse from PyPI")?;
+    Ok(python)
+}
+
+/// Synapse's settings over the generated config (a second `-c` file overrides its top-level
+/// keys): the loopback listener, SQLite, open registration for the driver, bcrypt at its
+/// cheapest (a login should measure the server, not 2^12 bcrypt rounds; ejabberd keeps plain
+/// passwords), presence off, rate limits out of the way, warnings-only logging.
+fn synapse_config(dir: &Path) -> String {
+    let (host, port) = SYNAPSE_HTTP
+        .split_once(':')
+        .unwrap_or(("127.0.0.1", "19808"));
+    let mut yaml = format!(
+        "listeners:\n  - port: {port}\n    bind_addresses: ['{host}']\n    type: http\n    tls: false\n    x_forwarded: false\n    resources:\n      - names: [client]\n        compress: false\n\
+         database:\n  name: sqlite3\n  args:\n    database: {db}\n\
+         log_config: {log}\n\
+         enable_registration: true\n\
+         enable_registration_without_verification: true\n\
+         bcrypt_rounds: 4\n\
+         presence:\n  enabled: false\n\
+         trusted_key_servers: []\n\
+         suppress_key_server_warning: true\n\
+         filter_timeline_limit: 1000\n",
+        db = dir.join("data/homeserver.db").display(),
+        log = dir.join("log.yaml").display(),
+    );
+    // `a.b` keys nest: `rc_login: {address: {...}}`.
+    let mut nested: Vec<(&str, Vec<&str>)> = Vec::new();
+    for key in SYNAPSE_RATE_LIMITS {
+        let (top, sub) = key
+            .split_once('.')
+            .map_or((key, None), |(t, s)| (t, Some(s)));
+        match nested.iter_mut().find(|(t, _)| *t == top) {
+            Some((_, subs)) => subs.extend(sub),
+            None => nested.push((top, sub.into_iter().collect())),
+        }
+    }
+    let unlimited = "{per_second: 1000000, burst_count: 1000000}";
+    for (top, subs) in nested {
+        if subs.is_empty() {
+            let _ = writeln!(yaml, "{top}: {unlimited}");
+        } else {
+            let _ = writeln!(yaml, "{top}:");
+            for sub in subs {
+                let _ = writeln!(yaml, "  {sub}: {unlimited}");
+            }
+        }
+    }
+    yaml
+}
+
+const SYNAPSE_LOG_CONFIG: &str = "version: 1\n\
+    formatters:\n  precise:\n    format: '%(asctime)s - %(name)s - %(levelname)s - %(message)s'\n\
+    handlers:\n  console:\n    class: logging.StreamHandler\n    formatter: precise\n\
+    root:\n  level: WARNING\n  handlers: [console]\n\
+    disable_existing_loggers: false\n";
+
+/// Generates Synapse's config in `work/synapse`, starts it and waits for `/health`; its pid.
+fn start_synapse(work: &Path, python: &Path, peers: &mut Peers) -> Result<u32> {
+    let dir = work.join("synapse");
+    fs::create_dir_all(dir.join("data"))?;
+    let homeserver = dir.join("homeserver.yaml");
+    let mut generate = Command::new(python);
+    generate
+        .current_dir(&dir)
+        .args(["-m", "synapse.app.homeserver", "--server-name", "localhost"])
+        .arg("--config-path")
+        .arg(&homeserver)
+        .args(["--generate-config", "--report-stats=no"])
+        .arg("--data-directory")
+        .arg(dir.join("data"))
+        .stdout(Stdio::null());
+    status(&mut generate).context("cannot generate Synapse's config")?;
+    fs::write(dir.join("bench.yaml"), synapse_config(&dir))?;
+    fs::write(dir.join("log.yaml"), SYNAPSE_LOG_CONFIG)?;
+    let args: Vec<String> = [
+        "-m",
+        "synapse.app.homeserver",
+        "-c",
+        &homeserver.display().to_string(),
+        "-c",
+        &dir.join("bench.yaml").display().to_string(),
+    ]
+    .map(str::to_owned)
+    .into();
+    let log = work.join("synapse.log");
+    let mut cmd = with_nofile(python, &args);
+    cmd.current_dir(&dir);
+    eprintln!(
+        "xtask: starting Synapse on {SYNAPSE_HTTP} (log {})",
+        log.display()
+    );
+    let pid = spawn_logged(peers, cmd, &log)?;
+    wait_for_health(SYNAPSE_HTTP, "Synapse", &log)?;
+    Ok(pid)
+}
+
+/// Waits until `GET /health` on `addr` answers 200 (Synapse opens its port before it is
+/// ready; the first start also creates its database).
+fn wait_for_health(addr: &str, what: &str, log: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Ok(mut tcp) = TcpStream::connect(addr) {
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut answer = String::new();
+            let asked =
+                tcp.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
+            if asked.is_ok()
+                && tcp.read_to_string(&mut answer).is_ok()
+                && answer.starts_with("HTTP/1.")
+                && answer.split_whitespace().nth(1) == Some("200")
+            {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    bail!(
+        "{what} did not answer GET /health on {addr} within 120 s; its log, {}:\n{}",
+        log.display(),
+        fs::read_to_string(log).unwrap_or_default()
+    )
 }
 
 /// Runs `program args` with the file-descriptor limit raised to the hard limit.
@@ -249,6 +438,7 @@ fn start_peers(
     work: &Path,
     chatctl: &Path,
     server: &Path,
+    synapse: &Path,
     peers: &mut Peers,
 ) -> Result<Vec<System>> {
     let s = |p: &Path| p.display().to_string();
@@ -362,6 +552,8 @@ fn start_peers(
         .parse()
         .context("cannot find the pid of ejabberd's beam.smp")?;
 
+    let synapse_pid = start_synapse(work, synapse, peers)?;
+
     let chat = |url: &str| {
         vec![
             "--server".to_owned(),
@@ -405,6 +597,12 @@ fn start_peers(
             idle: None,
             args: peer("relay", format!("ws://{RELAY_WS}")),
             pid: relay_pid,
+        },
+        System {
+            label: "Matrix Synapse (HTTP + /sync)",
+            idle: Some(SYNAPSE_IDLE),
+            args: peer("matrix", format!("http://{SYNAPSE_HTTP}")),
+            pid: synapse_pid,
         },
     ])
 }
@@ -492,10 +690,11 @@ fn measure(
     work: &Path,
     chatctl: &Path,
     server: &Path,
+    synapse: &Path,
     peers: &mut Peers,
     started: Instant,
 ) -> Result<()> {
-    let systems = start_peers(work, chatctl, server, peers)?;
+    let systems = start_peers(work, chatctl, server, synapse, peers)?;
     let load_start = crate_load();
     let common = ["--duration", opts.duration.as_str()];
     let pairs = vec!["pairs".to_owned(), "--pairs".into(), opts.pairs.to_string()];
@@ -679,7 +878,8 @@ fn render(
     let _ = writeln!(
         md,
         "\n**Group fan-out** (`group --members {}`: one sender; chat, ejabberd and the relay send one \
-         message per member, NATS publishes once to a subject every member subscribes to)\n",
+         message per member, NATS publishes once to a subject every member subscribes to, \
+         Synapse takes one event into a room every member joined)\n",
         opts.members
     );
     let _ = writeln!(
@@ -703,8 +903,9 @@ fn render(
 
     let _ = writeln!(
         md,
-        "\n**Idle connections** (`idle --connections {}`: logged-in sockets of one user; server RSS \
-         from /proc before and after, 2 s after the last one opened)\n",
+        "\n**Idle connections** (`idle --connections {}`: logged-in sockets of one user; Synapse: \
+         one user per socket, each with a pending `/sync` long-poll; server RSS from /proc before \
+         and after, 2 s after the last one opened)\n",
         opts.idle
     );
     let _ = writeln!(md, "| system | opened | RSS per connection | load |{names}");
@@ -844,5 +1045,18 @@ mod tests {
         assert_eq!(json_number(json, "rate"), None);
         assert_eq!(json_number(json, "rss_per_connection"), Some(8192.0));
         assert_eq!(json_number(json, "missing"), None);
+    }
+
+    #[test]
+    fn synapse_rate_limits_nest_under_their_section() {
+        let yaml = synapse_config(Path::new("/w/synapse"));
+        let unlimited = "{per_second: 1000000, burst_count: 1000000}";
+        assert!(yaml.contains(&format!("\nrc_message: {unlimited}\n")));
+        assert!(yaml.contains(&format!(
+            "\nrc_login:\n  address: {unlimited}\n  account: {unlimited}\n  failed_attempts: {unlimited}\n"
+        )));
+        assert_eq!(yaml.matches("\nrc_joins:").count(), 1);
+        assert!(yaml.contains("enable_registration_without_verification: true\n"));
+        assert!(yaml.contains("    database: /w/synapse/data/homeserver.db\n"));
     }
 }

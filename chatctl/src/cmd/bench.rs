@@ -1,6 +1,8 @@
 //! `chatctl bench`: load against a running server with real clients and real chat-core
 //! encryption (`--raw` measures the relay alone), and the same load against the systems users
-//! would pick instead (`--peer nats|xmpp|relay`), measured by the same generator.
+//! would pick instead (`--peer nats|xmpp|matrix|relay`), measured by the same generator.
+//! Matrix (Synapse) is driven over its HTTP client-server API: sends are `PUT`s, receipt is
+//! `/sync` long-polling, an idle client is a pending long-poll.
 //!
 //! Scenarios: `pairs` (1:1 traffic), `group` (one sender fanning out to M members), `idle` (C
 //! logged-in idle sockets, server RSS per socket with `--server-pid`), `connect` (new
@@ -21,7 +23,7 @@ use serde::Serialize;
 mod drivers;
 
 use drivers::load::{self, LoadConfig, LoadResult, OpenResult};
-use drivers::{chat, nats, relay, xmpp};
+use drivers::{chat, matrix, nats, relay, xmpp};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
@@ -31,14 +33,18 @@ use drivers::{chat, nats, relay, xmpp};
     chatctl bench idle --connections 10000 --server http://127.0.0.1:8080 --server-pid 4242\n  \
     chatctl bench connect --duration 5s\n  \
     chatctl bench --peer nats --server ws://127.0.0.1:9222 pairs --pairs 4\n  \
+    chatctl bench --peer matrix --server http://127.0.0.1:8008 group --members 8 --duration 5s\n  \
     chatctl bench relay --listen 127.0.0.1:9700\n\n\
-    The chat server must allow the registrations the run makes (limits.registrations_per_minute).\n\
+    The chat server must allow the registrations the run makes (limits.registrations_per_minute);\n\
+    a Matrix homeserver needs open registration without verification and its rc_* rate limits\n\
+    raised.\n\
     `cargo xtask bench-peers` starts every peer and runs every scenario against each.")]
 pub struct BenchArgs {
     /// What to measure: chat-server, or a peer driven by the same load generator.
     #[arg(long, value_enum, default_value_t = Peer::Chat, global = true)]
     pub peer: Peer,
-    /// The chat server (https://, or http:// on loopback), or the peer's ws:// URL.
+    /// The chat server (https://, or http:// on loopback), the peer's ws:// URL, or the Matrix
+    /// homeserver's http:// URL.
     #[arg(
         long,
         env = "CHATCTL_SERVER",
@@ -75,6 +81,8 @@ pub enum Peer {
     Nats,
     /// XMPP over WebSocket (RFC 7395), e.g. ejabberd.
     Xmpp,
+    /// A Matrix homeserver (Synapse) over its HTTP client-server API: PUT + /sync long-poll.
+    Matrix,
     /// The bare relay of `chatctl bench relay` (the limit).
     Relay,
 }
@@ -103,8 +111,9 @@ pub enum Scenario {
         #[arg(long, default_value_t = 16)]
         window: usize,
     },
-    /// Open C logged-in idle connections (one user, many sockets) and report server RSS per
-    /// connection (needs --server-pid).
+    /// Open C logged-in idle connections (one user, many sockets; matrix: one user per socket,
+    /// each with a pending /sync long-poll) and report server RSS per connection (needs
+    /// --server-pid).
     Idle {
         #[arg(long, default_value_t = 1000)]
         connections: usize,
@@ -249,6 +258,7 @@ async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
         Peer::Chat => "chat",
         Peer::Nats => "nats",
         Peer::Xmpp => "xmpp",
+        Peer::Matrix => "matrix",
         Peer::Relay => "relay",
     };
     let base = BenchReport {
@@ -354,6 +364,7 @@ async fn traffic(
         }
         Peer::Nats => load::run(nats::flows(url, senders, fanout).await?, config).await,
         Peer::Xmpp => load::run(xmpp::flows(url, senders, fanout).await?, config).await,
+        Peer::Matrix => load::run(matrix::flows(url, senders, fanout).await?, config).await,
         Peer::Relay => load::run(relay::flows(url, senders, fanout).await?, config).await,
     }
 }
@@ -418,6 +429,16 @@ async fn idle(args: &BenchArgs, count: usize) -> Result<OpenResult> {
             })
             .await
         }
+        Peer::Matrix => {
+            // Each idle connection is its own user: devices of one user wake each other's
+            // syncs with device-list changes.
+            let tag = run_tag();
+            let tag = tag.as_str();
+            load::idle(count, pid, move |i| async move {
+                matrix::idle_client(url, &matrix::user_name(tag, &format!("i{i}"))).await
+            })
+            .await
+        }
         Peer::Relay => {
             let tag = run_tag();
             let tag = tag.as_str();
@@ -451,6 +472,18 @@ async fn connect(args: &BenchArgs, concurrency: usize) -> Result<OpenResult> {
             let user = user.as_str();
             load::connect(duration, concurrency, move |i| async move {
                 xmpp::XmppConn::login(url, user, &format!("c{i}"), false).await
+            })
+            .await
+        }
+        Peer::Matrix => {
+            let user = matrix::user_name(&run_tag(), "conn");
+            matrix::MatrixConn::connect(url)
+                .await?
+                .register(&user)
+                .await?;
+            let user = user.as_str();
+            load::connect(duration, concurrency, move |_| {
+                matrix::connect_and_login(url, user)
             })
             .await
         }
