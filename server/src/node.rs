@@ -767,7 +767,9 @@ impl Node {
                 self.config.limits.max_mailbox_depth,
             ))
             .await;
-        if matches!(&result, Ok(outcome) if !outcome.duplicate) {
+        // A resend of a stored message wakes the recipient too: the instance that stored it
+        // may have died before it could.
+        if result.is_ok() {
             self.backplane.notify(&mailbox).await;
         }
         vec![self.send_answer(&mailbox, message_id, result)]
@@ -823,8 +825,7 @@ impl Node {
                     "the store gave no outcome for this append".into(),
                 ))
             });
-            if matches!(&result, Ok(outcome) if !outcome.duplicate) && !stored_in.contains(&mailbox)
-            {
+            if result.is_ok() && !stored_in.contains(&mailbox) {
                 stored_in.push(mailbox);
             }
             *answer = Some(self.send_answer(mailbox, *message_id, result));

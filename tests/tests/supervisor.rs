@@ -267,12 +267,15 @@ struct Tally {
 struct Traffic {
     ledger: Arc<Mutex<Ledger>>,
     stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+    senders: Vec<tokio::task::JoinHandle<Result<()>>>,
+    receivers: Vec<tokio::task::JoinHandle<Result<()>>>,
     _home: tempfile::TempDir,
 }
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(4);
 const IDLE_PING: Duration = Duration::from_secs(3);
+/// How long a stopped sender may go on retrying its last message before it is aborted.
+const SENDER_STOP: Duration = Duration::from_secs(20);
 
 fn backoff() -> Backoff {
     Backoff {
@@ -292,13 +295,13 @@ impl Traffic {
         let mut tag = [0u8; 3];
         OsRng.fill_bytes(&mut tag);
         let tag = hex::encode(tag);
-        let mut tasks = Vec::new();
+        let (mut senders, mut receivers) = (Vec::new(), Vec::new());
         for i in 0..pairs {
             let s_name = format!("s{tag}{i}");
             let r_name = format!("r{tag}{i}");
             let sender = Client::register(&opts, &s_name).await?;
             let receiver = Client::register(&opts, &r_name).await?;
-            tasks.push(tokio::spawn(send_loop(
+            senders.push(tokio::spawn(send_loop(
                 sender,
                 r_name,
                 per_sender_rate,
@@ -306,7 +309,7 @@ impl Traffic {
                 ledger.clone(),
                 stop.clone(),
             )));
-            tasks.push(tokio::spawn(receive_loop(
+            receivers.push(tokio::spawn(receive_loop(
                 receiver,
                 origin,
                 ledger.clone(),
@@ -316,7 +319,8 @@ impl Traffic {
         Ok(Self {
             ledger,
             stop,
-            tasks,
+            senders,
+            receivers,
             _home: home,
         })
     }
@@ -327,8 +331,27 @@ impl Traffic {
 
     /// Stops sending, waits until every acknowledged message was delivered (or `settle`
     /// passes), stops the receivers and counts.
+    ///
+    /// The senders are finished first, so the set of acknowledged ids is final before the
+    /// wait: a sender finishes the message it has in flight after `stop`, and an ack that
+    /// landed after the wait (with its receiver already stopped) would be counted as lost.
     async fn finish(self, settle: Duration) -> Result<Tally> {
         self.stop.store(true, Relaxed);
+        for mut sender in self.senders {
+            let ended = match tokio::time::timeout(SENDER_STOP, &mut sender).await {
+                Ok(ended) => ended,
+                // Still retrying its last message, never acknowledged: it does not count.
+                Err(_) => {
+                    sender.abort();
+                    sender.await
+                }
+            };
+            match ended {
+                Ok(Err(e)) => bail!("a traffic sender failed: {e:#}"),
+                Err(e) if e.is_panic() => bail!("a traffic sender panicked"),
+                _ => {}
+            }
+        }
         let deadline = Instant::now() + settle;
         loop {
             let missing = {
@@ -343,11 +366,11 @@ impl Traffic {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        for t in self.tasks {
+        for t in self.receivers {
             t.abort();
             match t.await {
-                Ok(Err(e)) => bail!("a traffic client failed: {e:#}"),
-                Err(e) if e.is_panic() => bail!("a traffic client panicked"),
+                Ok(Err(e)) => bail!("a traffic receiver failed: {e:#}"),
+                Err(e) if e.is_panic() => bail!("a traffic receiver panicked"),
                 _ => {}
             }
         }
