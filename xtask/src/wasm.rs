@@ -18,9 +18,10 @@ use crate::{cargo, have, status, workspace_root};
 
 pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
-/// The features rustc's wasm32 target enables by default; wasm-opt must be told, since the
-/// stripped module carries no `target_features` section.
+/// The features rustc's wasm32 target enables by default, and SIMD, which `.cargo/config.toml`
+/// enables; wasm-opt must be told, since the stripped module carries no `target_features` section.
 const WASM_FEATURES: &[&str] = &[
+    "--enable-simd",
     "--enable-bulk-memory",
     "--enable-sign-ext",
     "--enable-mutable-globals",

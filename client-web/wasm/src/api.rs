@@ -570,7 +570,8 @@ impl Api {
 /// Benchmark hook (`bench/bench.mjs`): runs `iterations` of operation `op` entirely inside
 /// wasm, so the figure has no JS call overhead, matching `client-web/core/benches/crypto.rs`:
 /// 0 = one X25519 agreement, 1 = X3DH initiator and responder (no one-time prekey), 2 = a
-/// symmetric-ratchet encrypt + decrypt of 256 bytes (no JS calls in between).
+/// symmetric-ratchet encrypt + decrypt of 256 bytes, 3 = a sender-key group message of 256
+/// bytes encrypted and decrypted (no JS calls in between).
 pub fn bench(op: u32, iterations: u32, rng: &mut impl CryptoRngCore) -> ApiResult {
     match op {
         0 => {
@@ -610,6 +611,19 @@ pub fn bench(op: u32, iterations: u32, rng: &mut impl CryptoRngCore) -> ApiResul
                 let message = a.encrypt(&plaintext, rng)?;
                 if b.decrypt(&message)? != plaintext {
                     return Err(ApiError::new("internal", "ratchet round trip differs"));
+                }
+            }
+            Ok(Vec::new())
+        }
+        3 => {
+            let mut a = GroupState::new(b"bench", "alice", ["bob"], rng)?;
+            let mut b = GroupState::new(b"bench", "bob", ["alice"], rng)?;
+            b.process_distribution("alice", &a.own_distribution())?;
+            let plaintext = [0x5a_u8; 256];
+            for _ in 0..iterations {
+                let message = a.encrypt(&plaintext)?;
+                if b.decrypt(&message)?.plaintext != plaintext {
+                    return Err(ApiError::new("internal", "group round trip differs"));
                 }
             }
             Ok(Vec::new())
