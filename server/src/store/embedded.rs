@@ -6,9 +6,10 @@
 //! account creation, prekey hand-out and sequence assignment atomic. Every value is sealed with
 //! the data-at-rest key (see [`super::seal`]); row keys stay in the clear (see [`super`]).
 //!
-//! Appends are group-committed: concurrent [`Store::append`] calls queue up while a commit is
-//! running and the next write transaction takes them all, one fsync for the batch; each caller
-//! is answered only after that commit, so an acknowledged envelope is still a durable one.
+//! Appends and acks are group-committed: concurrent [`Store::append`] and [`Store::ack`] calls
+//! queue up while a commit is running and the next write transaction takes them all, one fsync
+//! for the batch; each caller is answered only after that commit, so an acknowledged envelope
+//! (and a deletion answered as done) is still a durable one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,10 +71,18 @@ struct PendingAppend {
     done: tokio::sync::oneshot::Sender<Result<AppendOutcome, StoreError>>,
 }
 
+/// One [`Store::ack`] call waiting for its commit.
+struct PendingAck {
+    mailbox: MailboxId,
+    up_to_seq: u64,
+    done: tokio::sync::oneshot::Sender<Result<u64, StoreError>>,
+}
+
 #[derive(Default)]
 struct AppendQueue {
     pending: Vec<PendingAppend>,
-    /// A committer is running on the blocking pool and will take `pending`.
+    acks: Vec<PendingAck>,
+    /// A committer is running on the blocking pool and will take `pending` and `acks`.
     committing: bool,
 }
 
@@ -94,45 +103,78 @@ impl Drop for CommitterGuard<'_> {
 }
 
 impl Inner {
-    /// Commits queued appends, a batch per write transaction, until the queue is empty.
+    /// Commits queued acks and appends, a batch per write transaction, until the queue is empty.
     fn commit_appends(&self) {
         let _guard = CommitterGuard(self);
         loop {
-            let batch = {
+            let (acks, batch) = {
                 let mut queue = self.appends.lock().unwrap_or_else(|e| e.into_inner());
-                if queue.pending.is_empty() {
+                if queue.pending.is_empty() && queue.acks.is_empty() {
                     queue.committing = false;
                     return;
                 }
-                std::mem::take(&mut queue.pending)
+                (
+                    std::mem::take(&mut queue.acks),
+                    std::mem::take(&mut queue.pending),
+                )
             };
-            let results = match self.append_batch(&batch) {
+            let (ack_results, results) = match self.write_batch(&acks, &batch) {
                 Ok(results) => results,
-                // One bad append must not fail its neighbours: each alone, as without batching.
-                Err(_) if batch.len() > 1 => batch
-                    .iter()
-                    .map(|p| {
-                        self.append_batch(std::slice::from_ref(p))
-                            .and_then(|mut r| r.remove(0))
-                    })
-                    .collect(),
-                Err(e) => vec![Err(e)],
+                // One bad write must not fail its neighbours: each alone, as without batching.
+                Err(_) if acks.len() + batch.len() > 1 => (
+                    acks.iter()
+                        .map(|a| {
+                            self.write_batch(std::slice::from_ref(a), &[])
+                                .and_then(|(mut r, _)| r.remove(0))
+                        })
+                        .collect(),
+                    batch
+                        .iter()
+                        .map(|p| {
+                            self.write_batch(&[], std::slice::from_ref(p))
+                                .and_then(|(_, mut r)| r.remove(0))
+                        })
+                        .collect(),
+                ),
+                Err(e) if acks.is_empty() => (Vec::new(), vec![Err(e)]),
+                Err(e) => (vec![Err(e)], Vec::new()),
             };
+            for (pending, result) in acks.into_iter().zip(ack_results) {
+                let _ = pending.done.send(result);
+            }
             for (pending, result) in batch.into_iter().zip(results) {
                 let _ = pending.done.send(result);
             }
         }
     }
 
-    /// Applies the appends in one write transaction and commits it (durably). A full mailbox
-    /// refuses that append only; any other error aborts the whole transaction.
-    fn append_batch(
+    /// Applies the acks, then the appends, in one write transaction and commits it (durably).
+    /// A full mailbox refuses that append only; any other error aborts the whole transaction.
+    #[allow(clippy::type_complexity)]
+    fn write_batch(
         &self,
+        acks: &[PendingAck],
         batch: &[PendingAppend],
-    ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+    ) -> Result<
+        (
+            Vec<Result<u64, StoreError>>,
+            Vec<Result<AppendOutcome, StoreError>>,
+        ),
+        StoreError,
+    > {
         let txn = self.db.begin_write().map_err(db_err)?;
+        let mut acked = Vec::with_capacity(acks.len());
+        for a in acks {
+            acked.push(Ok(ack_in(
+                &txn,
+                &self.keys,
+                self.dedup_window,
+                &a.mailbox,
+                a.up_to_seq,
+            )?));
+        }
         let mut out = Vec::with_capacity(batch.len());
-        {
+        if !batch.is_empty() {
             let mut appends = AppendTxn::open(&txn)?;
             for p in batch {
                 match appends.append(&self.keys, &p.mailbox, p.message_id, &p.record, p.max_depth) {
@@ -145,8 +187,91 @@ impl Inner {
             appends.finish(&self.keys)?;
         }
         txn.commit().map_err(db_err)?;
-        Ok(out)
+        Ok((acked, out))
     }
+}
+
+/// Deletes the messages of `mailbox` up to `up_to_seq` inside `txn`, remembers their ids for
+/// the duplicate window and forgets the oldest beyond `dedup_window`; how many were deleted.
+fn ack_in(
+    txn: &WriteTransaction,
+    keys: &DataKeyRing,
+    dedup_window: u64,
+    mailbox: &MailboxId,
+    up_to_seq: u64,
+) -> Result<u64, StoreError> {
+    let user = mailbox.username.as_str();
+    let device = mailbox.device_id;
+    let mut states = txn.open_table(MAILBOX_STATE).map_err(db_err)?;
+    let mut state = MailboxState::load(&states, keys, mailbox)?;
+    let mut messages = txn.open_table(MAILBOX_MESSAGES).map_err(db_err)?;
+    let mut acked = txn.open_table(MAILBOX_ACKED).map_err(db_err)?;
+    let mut ids = txn.open_table(MAILBOX_IDS).map_err(db_err)?;
+
+    let mut done = Vec::new();
+    for entry in messages
+        .range((user, device, 0)..=(user, device, up_to_seq))
+        .map_err(db_err)?
+    {
+        let (row, sealed) = entry.map_err(db_err)?;
+        let seq = row.value().2;
+        let plain = keys.open(
+            Table::MailboxMessages,
+            &seq_slot(mailbox, seq),
+            sealed.value(),
+        )?;
+        done.push(decode_message(seq, plain)?);
+    }
+    for message in &done {
+        messages
+            .remove((user, device, message.seq))
+            .map_err(db_err)?;
+        let sealed = keys.seal(
+            Table::MailboxAcked,
+            &seq_slot(mailbox, message.seq),
+            &message.message_id,
+        )?;
+        acked
+            .insert((user, device, message.seq), sealed.as_slice())
+            .map_err(db_err)?;
+    }
+    let removed = done.len() as u64;
+    state.depth = state.depth.saturating_sub(removed);
+    state.remembered += removed;
+
+    // Forget the oldest acked ids beyond the duplicate window.
+    while state.remembered > dedup_window {
+        let oldest = {
+            let mut range = acked
+                .range((user, device, 0)..=(user, device, u64::MAX))
+                .map_err(db_err)?;
+            match range.next() {
+                None => None,
+                Some(entry) => {
+                    let (row, sealed) = entry.map_err(db_err)?;
+                    Some((row.value().2, sealed.value().to_vec()))
+                }
+            }
+        };
+        let Some((seq, sealed)) = oldest else {
+            state.remembered = 0;
+            break;
+        };
+        let plain = keys.open(Table::MailboxAcked, &seq_slot(mailbox, seq), &sealed)?;
+        let message_id = read_message_id(&plain, "acked message id")?;
+        acked.remove((user, device, seq)).map_err(db_err)?;
+        ids.remove((user, device, message_id)).map_err(db_err)?;
+        state.remembered -= 1;
+    }
+
+    if removed > 0 {
+        let sealed_state =
+            keys.seal(Table::MailboxState, &mailbox_slot(mailbox), &state.encode())?;
+        states
+            .insert((user, device), sealed_state.as_slice())
+            .map_err(db_err)?;
+    }
+    Ok(removed)
 }
 
 fn committer_stopped() -> StoreError {
@@ -154,6 +279,7 @@ fn committer_stopped() -> StoreError {
 }
 
 type AppendAnswer = tokio::sync::oneshot::Receiver<Result<AppendOutcome, StoreError>>;
+type AckAnswer = tokio::sync::oneshot::Receiver<Result<u64, StoreError>>;
 
 impl EmbeddedStore {
     /// Queues appends, in order and all under one lock (so one batch of a caller is never
@@ -176,10 +302,32 @@ impl EmbeddedStore {
             !answers.is_empty() && !std::mem::replace(&mut queue.committing, true)
         };
         if start_committer {
-            let inner = Arc::clone(&self.inner);
-            tokio::task::spawn_blocking(move || inner.commit_appends());
+            self.start_committer();
         }
         answers
+    }
+
+    /// Queues an ack for the group committer, starting it if it is idle.
+    fn enqueue_ack(&self, mailbox: &MailboxId, up_to_seq: u64) -> AckAnswer {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let start_committer = {
+            let mut queue = self.inner.appends.lock().unwrap_or_else(|e| e.into_inner());
+            queue.acks.push(PendingAck {
+                mailbox: mailbox.clone(),
+                up_to_seq,
+                done,
+            });
+            !std::mem::replace(&mut queue.committing, true)
+        };
+        if start_committer {
+            self.start_committer();
+        }
+        answer
+    }
+
+    fn start_committer(&self) {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.commit_appends());
     }
 }
 
@@ -272,19 +420,17 @@ impl EmbeddedStore {
         &self.inner.path
     }
 
-    /// Runs a read transaction on the blocking pool.
+    /// Runs a read transaction on the calling task. Reads are point lookups and short ranges
+    /// (a recipient's account, a delivery batch) served from redb's cache in microseconds; a
+    /// hop to the blocking pool cost more than the read itself (spawning and waking a thread
+    /// per send was 12% of a loaded server's CPU, docs/BENCHMARKS.md, issue #8). Writes, which
+    /// wait for fsync, stay on the blocking pool.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
-        T: Send + 'static,
-        F: FnOnce(&ReadTransaction, &DataKeyRing) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&ReadTransaction, &DataKeyRing) -> Result<T, StoreError>,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let txn = inner.db.begin_read().map_err(db_err)?;
-            f(&txn, &inner.keys)
-        })
-        .await
-        .map_err(join_err)?
+        let txn = self.inner.db.begin_read().map_err(db_err)?;
+        f(&txn, &self.inner.keys)
     }
 
     /// Runs a write transaction on the blocking pool and commits it (durably) if `f` succeeds;
@@ -777,86 +923,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn ack(&self, mailbox: &MailboxId, up_to_seq: u64) -> Result<u64, StoreError> {
-        let mailbox = mailbox.clone();
-        let dedup_window = self.inner.dedup_window;
-        self.write(move |txn, keys| {
-            let user = mailbox.username.as_str();
-            let device = mailbox.device_id;
-            let mut states = txn.open_table(MAILBOX_STATE).map_err(db_err)?;
-            let mut state = MailboxState::load(&states, keys, &mailbox)?;
-            let mut messages = txn.open_table(MAILBOX_MESSAGES).map_err(db_err)?;
-            let mut acked = txn.open_table(MAILBOX_ACKED).map_err(db_err)?;
-            let mut ids = txn.open_table(MAILBOX_IDS).map_err(db_err)?;
-
-            let mut done = Vec::new();
-            for entry in messages
-                .range((user, device, 0)..=(user, device, up_to_seq))
-                .map_err(db_err)?
-            {
-                let (row, sealed) = entry.map_err(db_err)?;
-                let seq = row.value().2;
-                let plain = keys.open(
-                    Table::MailboxMessages,
-                    &seq_slot(&mailbox, seq),
-                    sealed.value(),
-                )?;
-                done.push(decode_message(seq, plain)?);
-            }
-            for message in &done {
-                messages
-                    .remove((user, device, message.seq))
-                    .map_err(db_err)?;
-                let sealed = keys.seal(
-                    Table::MailboxAcked,
-                    &seq_slot(&mailbox, message.seq),
-                    &message.message_id,
-                )?;
-                acked
-                    .insert((user, device, message.seq), sealed.as_slice())
-                    .map_err(db_err)?;
-            }
-            let removed = done.len() as u64;
-            state.depth = state.depth.saturating_sub(removed);
-            state.remembered += removed;
-
-            // Forget the oldest acked ids beyond the duplicate window.
-            while state.remembered > dedup_window {
-                let oldest = {
-                    let mut range = acked
-                        .range((user, device, 0)..=(user, device, u64::MAX))
-                        .map_err(db_err)?;
-                    match range.next() {
-                        None => None,
-                        Some(entry) => {
-                            let (row, sealed) = entry.map_err(db_err)?;
-                            Some((row.value().2, sealed.value().to_vec()))
-                        }
-                    }
-                };
-                let Some((seq, sealed)) = oldest else {
-                    state.remembered = 0;
-                    break;
-                };
-                let plain = keys.open(Table::MailboxAcked, &seq_slot(&mailbox, seq), &sealed)?;
-                let message_id = read_message_id(&plain, "acked message id")?;
-                acked.remove((user, device, seq)).map_err(db_err)?;
-                ids.remove((user, device, message_id)).map_err(db_err)?;
-                state.remembered -= 1;
-            }
-
-            if removed > 0 {
-                let sealed_state = keys.seal(
-                    Table::MailboxState,
-                    &mailbox_slot(&mailbox),
-                    &state.encode(),
-                )?;
-                states
-                    .insert((user, device), sealed_state.as_slice())
-                    .map_err(db_err)?;
-            }
-            Ok(removed)
-        })
-        .await
+        self.enqueue_ack(mailbox, up_to_seq)
+            .await
+            .unwrap_or_else(|_| Err(committer_stopped()))
     }
 
     async fn depth(&self, mailbox: &MailboxId) -> Result<u64, StoreError> {
@@ -907,7 +976,8 @@ mod tests {
         drop(store);
 
         // A storage attacker copies mallory's sealed record into alice's row.
-        let db = Database::create(dir.path().join(FILE_NAME)).expect("raw open");
+        // The committer lets go of the file a moment after its last answer.
+        let db = create_database(&dir.path().join(FILE_NAME)).expect("raw open");
         let txn = db.begin_write().expect("txn");
         {
             let mut table = txn.open_table(ACCOUNTS).expect("table");
@@ -967,7 +1037,8 @@ mod tests {
         store.ack(&mailbox, 1).await.expect("ack");
         drop(store);
 
-        let db = Database::create(dir.path().join(FILE_NAME)).expect("raw open");
+        // The committer lets go of the file a moment after its last answer.
+        let db = create_database(&dir.path().join(FILE_NAME)).expect("raw open");
         let txn = db.begin_read().expect("txn");
         let mut values: Vec<Vec<u8>> = Vec::new();
         macro_rules! collect {
