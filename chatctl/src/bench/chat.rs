@@ -126,12 +126,6 @@ impl Inbox for ChatInbox {
     }
 }
 
-fn random_tag() -> String {
-    let mut tag = [0u8; 3];
-    OsRng.fill_bytes(&mut tag);
-    hex::encode(tag)
-}
-
 async fn register_all(opts: &ClientOptions, names: Vec<String>) -> Result<Vec<Client>> {
     let mut tasks = tokio::task::JoinSet::new();
     for (i, name) in names.into_iter().enumerate() {
@@ -164,7 +158,7 @@ pub async fn flows(
     fanout: usize,
     raw: bool,
 ) -> Result<Vec<Flow<ChatOutbox, ChatInbox>>> {
-    let tag = random_tag();
+    let tag = super::load::run_tag();
     let bar = chatctl::progress::spinner(format!("registering {} clients", senders * (1 + fanout)));
     let mut names = Vec::new();
     for s in 0..senders {
@@ -237,7 +231,7 @@ pub struct LoginIdentity {
 impl LoginIdentity {
     /// Registers a fresh user (its state goes under `opts.home`).
     pub async fn register(opts: &ClientOptions) -> Result<Self> {
-        let name = format!("bench{}idle", random_tag());
+        let name = format!("bench{}idle", super::load::run_tag());
         let client = Client::register(opts, &name).await?;
         client.conn.close().await;
         let path = opts.home.join(&name).join("device.key");

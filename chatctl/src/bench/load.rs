@@ -98,6 +98,14 @@ pub fn sent_nanos(body: &[u8]) -> u64 {
         .unwrap_or_default()
 }
 
+/// Six hex digits, fresh per run, that make the user names of a run unique (the peers keep
+/// their accounts between runs).
+pub fn run_tag() -> String {
+    let mut tag = [0u8; 3];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut tag);
+    hex::encode(tag)
+}
+
 /// Runs the flows for `config.duration` and waits for the tail to drain.
 pub async fn run<O: Outbox, I: Inbox>(
     flows: Vec<Flow<O, I>>,

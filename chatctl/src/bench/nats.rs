@@ -165,11 +165,10 @@ pub async fn flows(
     senders: usize,
     fanout: usize,
 ) -> Result<Vec<Flow<NatsOutbox, NatsInbox>>> {
-    let mut tag = [0u8; 3];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut tag);
+    let tag = super::load::run_tag();
     let mut out = Vec::new();
     for s in 0..senders {
-        let subject = format!("bench.{}.{s}", hex::encode(tag));
+        let subject = format!("bench.{tag}.{s}");
         let mut inboxes = Vec::new();
         for _ in 0..fanout {
             let mut conn = NatsConn::connect(url).await?;

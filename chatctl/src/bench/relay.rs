@@ -204,9 +204,7 @@ pub async fn flows(
     senders: usize,
     fanout: usize,
 ) -> Result<Vec<Flow<RelayOutbox, RelayInbox>>> {
-    let mut tag = [0u8; 3];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut tag);
-    let tag = hex::encode(tag);
+    let tag = super::load::run_tag();
     let mut out = Vec::new();
     for s in 0..senders {
         let mut to = Vec::new();

@@ -404,12 +404,6 @@ fn open_report(base: BenchReport, r: OpenResult) -> BenchReport {
     }
 }
 
-fn run_tag() -> String {
-    let mut tag = [0u8; 3];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut tag);
-    hex::encode(tag)
-}
-
 async fn idle(args: &BenchArgs, count: usize) -> Result<OpenResult> {
     let (url, pid) = (args.server.as_str(), args.server_pid);
     match args.peer {
@@ -421,7 +415,7 @@ async fn idle(args: &BenchArgs, count: usize) -> Result<OpenResult> {
         }
         Peer::Nats => load::idle(count, pid, move |_| nats::NatsConn::connect(url)).await,
         Peer::Xmpp => {
-            let user = xmpp::user_name(&run_tag(), "idle");
+            let user = xmpp::user_name(&load::run_tag(), "idle");
             xmpp::XmppConn::login(url, &user, "r0", true).await?;
             let user = user.as_str();
             load::idle(count, pid, move |i| async move {
@@ -432,7 +426,7 @@ async fn idle(args: &BenchArgs, count: usize) -> Result<OpenResult> {
         Peer::Matrix => {
             // Each idle connection is its own user: devices of one user wake each other's
             // syncs with device-list changes.
-            let tag = run_tag();
+            let tag = load::run_tag();
             let tag = tag.as_str();
             load::idle(count, pid, move |i| async move {
                 matrix::idle_client(url, &matrix::user_name(tag, &format!("i{i}"))).await
@@ -440,7 +434,7 @@ async fn idle(args: &BenchArgs, count: usize) -> Result<OpenResult> {
             .await
         }
         Peer::Relay => {
-            let tag = run_tag();
+            let tag = load::run_tag();
             let tag = tag.as_str();
             load::idle(count, pid, move |i| async move {
                 relay::RelayConn::connect(url, &format!("{tag}i{i}")).await
@@ -467,7 +461,7 @@ async fn connect(args: &BenchArgs, concurrency: usize) -> Result<OpenResult> {
             load::connect(duration, concurrency, move |_| nats::NatsConn::connect(url)).await
         }
         Peer::Xmpp => {
-            let user = xmpp::user_name(&run_tag(), "conn");
+            let user = xmpp::user_name(&load::run_tag(), "conn");
             xmpp::XmppConn::login(url, &user, "r0", true).await?;
             let user = user.as_str();
             load::connect(duration, concurrency, move |i| async move {
@@ -476,7 +470,7 @@ async fn connect(args: &BenchArgs, concurrency: usize) -> Result<OpenResult> {
             .await
         }
         Peer::Matrix => {
-            let user = matrix::user_name(&run_tag(), "conn");
+            let user = matrix::user_name(&load::run_tag(), "conn");
             matrix::MatrixConn::connect(url)
                 .await?
                 .register(&user)
@@ -488,7 +482,7 @@ async fn connect(args: &BenchArgs, concurrency: usize) -> Result<OpenResult> {
             .await
         }
         Peer::Relay => {
-            let tag = run_tag();
+            let tag = load::run_tag();
             let tag = tag.as_str();
             load::connect(duration, concurrency, move |i| async move {
                 relay::RelayConn::connect(url, &format!("{tag}c{i}")).await
