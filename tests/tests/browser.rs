@@ -429,6 +429,21 @@ async fn registered(site: &Site, name: &str) -> Browser {
     browser
 }
 
+/// A new tab of `browser` on `site`'s app, logged in (the profile registered before).
+async fn logged_in<'a>(browser: &'a Browser, site: &Site) -> Page<'a> {
+    let page = browser.page().await.expect("page");
+    page.goto(&site.server.url()).await.expect("goto");
+    page.wait_logged_in().await.expect("login");
+    page
+}
+
+/// [`logged_in`], with the conversation with `peer` open.
+async fn chatting<'a>(browser: &'a Browser, site: &Site, peer: &str) -> Page<'a> {
+    let page = logged_in(browser, site).await;
+    page.open_conversation(peer).await.expect("open");
+    page
+}
+
 /// The `data-alert` kinds of the alerts `page` shows above its conversation, oldest first.
 async fn alert_kinds(page: &Page<'_>) -> Vec<String> {
     let v = page
@@ -472,10 +487,7 @@ async fn three_messages_through(site: &Site) -> (Browser, Browser) {
 async fn a_message_the_server_dropped_shows_a_gap_alert_in_the_browser() {
     let site = Site::new(Some("drop-envelope")).expect("site");
     let (_alice, bob_browser) = three_messages_through(&site).await;
-    let bob = bob_browser.page().await.expect("page");
-    bob.goto(&site.server.url()).await.expect("goto");
-    bob.wait_logged_in().await.expect("login");
-    bob.open_conversation("alice").await.expect("open");
+    let bob = chatting(&bob_browser, &site, "alice").await;
     bob.wait_incoming("three").await.expect("three arrives");
     bob.wait_for("document.querySelector('#alerts [data-alert=gap]')")
         .await
@@ -496,10 +508,7 @@ async fn a_message_the_server_dropped_shows_a_gap_alert_in_the_browser() {
 async fn a_message_the_server_replayed_is_reported_and_shown_once() {
     let site = Site::new(Some("replay-envelope")).expect("site");
     let (_alice, bob_browser) = three_messages_through(&site).await;
-    let bob = bob_browser.page().await.expect("page");
-    bob.goto(&site.server.url()).await.expect("goto");
-    bob.wait_logged_in().await.expect("login");
-    bob.open_conversation("alice").await.expect("open");
+    let bob = chatting(&bob_browser, &site, "alice").await;
     bob.wait_incoming("three").await.expect("three arrives");
     bob.wait_for("document.querySelector('#alerts [data-alert=replay]')")
         .await
@@ -514,19 +523,13 @@ async fn a_split_view_is_caught_by_the_tree_head_inside_a_message() {
     let site = Site::new(Some("split-view")).expect("site");
     let alice_browser = registered(&site, "alice").await;
     let bob_browser = registered(&site, "bob").await;
-    let alice = alice_browser.page().await.expect("page");
-    alice.goto(&site.server.url()).await.expect("goto");
-    alice.wait_logged_in().await.expect("login");
-    alice.open_conversation("bob").await.expect("open");
+    let alice = chatting(&alice_browser, &site, "bob").await;
     alice.send("which log do you see?").await.expect("send");
     alice
         .wait_state("which log do you see?", &["sent", "delivered", "read"])
         .await
         .expect("sent");
-    let bob = bob_browser.page().await.expect("page");
-    bob.goto(&site.server.url()).await.expect("goto");
-    bob.wait_logged_in().await.expect("login");
-    bob.open_conversation("alice").await.expect("open");
+    let bob = chatting(&bob_browser, &site, "alice").await;
     bob.wait_incoming("which log do you see?")
         .await
         .expect("arrives");
@@ -567,10 +570,7 @@ async fn browser_and_native_client_exchange_version_2_messages_with_counters_and
     let home = site.work.path().join("native");
     native_chat(&site, &home, &["register", "nate"]).expect("native register");
     let browser = registered(&site, "webby").await;
-    let page = browser.page().await.expect("page");
-    page.goto(&site.server.url()).await.expect("goto");
-    page.wait_logged_in().await.expect("login");
-    page.open_conversation("nate").await.expect("open");
+    let page = chatting(&browser, &site, "nate").await;
     for text in ["first from the browser", "second from the browser"] {
         page.send(text).await.expect("send");
         page.wait_state(text, &["sent"]).await.expect("sent");
@@ -639,10 +639,7 @@ async fn a_contact_re_registering_with_new_keys_blocks_sending_until_the_new_key
     let home = site.work.path().join("native");
     native_chat(&site, &home, &["register", "bob"]).expect("native register");
     let browser = registered(&site, "alice").await;
-    let page = browser.page().await.expect("page");
-    page.goto(&site.server.url()).await.expect("goto");
-    page.wait_logged_in().await.expect("login");
-    page.open_conversation("bob").await.expect("open");
+    let page = chatting(&browser, &site, "bob").await;
     page.send("before the change").await.expect("send");
     page.wait_state("before the change", &["sent"])
         .await
@@ -795,14 +792,8 @@ async fn messages_written_while_the_server_is_down_arrive_after_the_app_reconnec
     let site = Site::new(None).expect("site");
     let alice_browser = registered(&site, "alice").await;
     let bob_browser = registered(&site, "bob").await;
-    let alice = alice_browser.page().await.expect("page");
-    alice.goto(&site.server.url()).await.expect("goto");
-    alice.wait_logged_in().await.expect("login");
-    alice.open_conversation("bob").await.expect("open");
-    let bob = bob_browser.page().await.expect("page");
-    bob.goto(&site.server.url()).await.expect("goto");
-    bob.wait_logged_in().await.expect("login");
-    bob.open_conversation("alice").await.expect("open");
+    let alice = chatting(&alice_browser, &site, "bob").await;
+    let bob = chatting(&bob_browser, &site, "alice").await;
     alice.send("before the restart").await.expect("send");
     bob.wait_incoming("before the restart")
         .await
@@ -1021,10 +1012,7 @@ async fn the_main_flow_works_with_the_keyboard_only_at_phone_width() {
     page.wait_for("!document.querySelector('#safety').open")
         .await
         .expect("dialog closed");
-    let bob = bob_browser.page().await.expect("page");
-    bob.goto(&site.server.url()).await.expect("goto");
-    bob.wait_logged_in().await.expect("login");
-    bob.open_conversation("alice").await.expect("open");
+    let bob = chatting(&bob_browser, &site, "alice").await;
     bob.wait_incoming("typed, not clicked")
         .await
         .expect("arrives");
@@ -1042,14 +1030,6 @@ async fn the_main_flow_works_with_the_keyboard_only_at_phone_width() {
 }
 
 // ---- group conversations (sender keys over the pairwise sessions) ----
-
-/// Opens `site` in a tab of `browser` (already registered) and waits for the login.
-async fn logged_in<'a>(site: &Site, browser: &'a Browser) -> Page<'a> {
-    let page = browser.page().await.expect("page");
-    page.goto(&site.server.url()).await.expect("goto");
-    page.wait_logged_in().await.expect("login");
-    page
-}
 
 /// Creates the group `name` with `members` in `page`'s app and waits until it is open.
 async fn create_group(page: &Page<'_>, name: &str, members: &str) {
@@ -1105,9 +1085,9 @@ async fn three_profiles_in_a_group_each_message_reaches_both_others() {
         registered(&site, "bob").await,
         registered(&site, "carol").await,
     ];
-    let alice = logged_in(&site, &browsers[0]).await;
-    let bob = logged_in(&site, &browsers[1]).await;
-    let carol = logged_in(&site, &browsers[2]).await;
+    let alice = logged_in(&browsers[0], &site).await;
+    let bob = logged_in(&browsers[1], &site).await;
+    let carol = logged_in(&browsers[2], &site).await;
     create_group(&alice, "weekend", "bob, carol").await;
     open_group(&bob, "weekend").await;
     open_group(&carol, "weekend").await;
@@ -1170,9 +1150,9 @@ async fn a_removed_group_member_cannot_read_later_messages() {
         registered(&site, "bob").await,
         registered(&site, "carol").await,
     ];
-    let alice = logged_in(&site, &browsers[0]).await;
-    let bob = logged_in(&site, &browsers[1]).await;
-    let carol = logged_in(&site, &browsers[2]).await;
+    let alice = logged_in(&browsers[0], &site).await;
+    let bob = logged_in(&browsers[1], &site).await;
+    let carol = logged_in(&browsers[2], &site).await;
     create_group(&alice, "project", "bob carol").await;
     open_group(&bob, "project").await;
     open_group(&carol, "project").await;
