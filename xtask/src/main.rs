@@ -61,7 +61,7 @@ fn run() -> Result<()> {
                  wasm         build chat_core.wasm + chat_core.js into --out DIR\n  \
                  bench-wasm   chat-core natively vs in wasm under Node.js; writes docs/BENCHMARKS.md\n  \
                  bench-cluster  chatctl up vs docker compose, cross-instance latency (--runs N)\n  \
-                 bench-peers  chat-server vs NATS, ejabberd and a bare relay; writes docs/BENCHMARKS.md"
+                 bench-peers  chat-server vs NATS, ejabberd, Synapse and a bare relay; writes docs/BENCHMARKS.md"
             );
             bail!("unknown or missing task");
         }
