@@ -812,7 +812,8 @@ impl Node {
         } else {
             self.timed(self.store.append_many(appends)).await
         };
-        let mut stored_in: Vec<&MailboxId> = Vec::new();
+        // Mailboxes whose recipients to wake: stored now, or stored before (a resend).
+        let mut to_notify: Vec<&MailboxId> = Vec::new();
         // A store answers every append; should one not, that send is refused, never dropped.
         let mut results = results.into_iter();
         let mut keys = keys.iter();
@@ -825,12 +826,12 @@ impl Node {
                     "the store gave no outcome for this append".into(),
                 ))
             });
-            if result.is_ok() && !stored_in.contains(&mailbox) {
-                stored_in.push(mailbox);
+            if result.is_ok() && !to_notify.contains(&mailbox) {
+                to_notify.push(mailbox);
             }
             *answer = Some(self.send_answer(mailbox, *message_id, result));
         }
-        for mailbox in stored_in {
+        for mailbox in to_notify {
             self.backplane.notify(mailbox).await;
         }
         let answers: Vec<ServerFrame> = answers.into_iter().flatten().collect();

@@ -58,8 +58,8 @@ struct Inner {
     path: PathBuf,
     /// Acked message ids remembered per mailbox ([`DEDUP_WINDOW`]; smaller in tests).
     dedup_window: u64,
-    /// Appends waiting for the next group commit.
-    appends: Mutex<AppendQueue>,
+    /// Appends and acks waiting for the next group commit.
+    queue: Mutex<WriteQueue>,
 }
 
 /// One [`Store::append`] call waiting for its commit.
@@ -79,14 +79,14 @@ struct PendingAck {
 }
 
 #[derive(Default)]
-struct AppendQueue {
-    pending: Vec<PendingAppend>,
+struct WriteQueue {
+    appends: Vec<PendingAppend>,
     acks: Vec<PendingAck>,
-    /// A committer is running on the blocking pool and will take `pending` and `acks`.
+    /// A committer is running on the blocking pool and will take `appends` and `acks`.
     committing: bool,
 }
 
-/// Clears `committing` if the committer unwinds, so later appends start a new one (the
+/// Clears `committing` if the committer unwinds, so later writes start a new one (the
 /// callers of the batch it held see their answer channel closed).
 struct CommitterGuard<'a>(&'a Inner);
 
@@ -94,7 +94,7 @@ impl Drop for CommitterGuard<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.0
-                .appends
+                .queue
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .committing = false;
@@ -104,18 +104,18 @@ impl Drop for CommitterGuard<'_> {
 
 impl Inner {
     /// Commits queued acks and appends, a batch per write transaction, until the queue is empty.
-    fn commit_appends(&self) {
+    fn commit_queued(&self) {
         let _guard = CommitterGuard(self);
         loop {
             let (acks, batch) = {
-                let mut queue = self.appends.lock().unwrap_or_else(|e| e.into_inner());
-                if queue.pending.is_empty() && queue.acks.is_empty() {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if queue.appends.is_empty() && queue.acks.is_empty() {
                     queue.committing = false;
                     return;
                 }
                 (
                     std::mem::take(&mut queue.acks),
-                    std::mem::take(&mut queue.pending),
+                    std::mem::take(&mut queue.appends),
                 )
             };
             let (ack_results, results) = match self.write_batch(&acks, &batch) {
@@ -275,7 +275,7 @@ fn ack_in(
 }
 
 fn committer_stopped() -> StoreError {
-    StoreError::Backend("the append committer stopped".into())
+    StoreError::Backend("the store's committer stopped".into())
 }
 
 type AppendAnswer = tokio::sync::oneshot::Receiver<Result<AppendOutcome, StoreError>>;
@@ -283,14 +283,16 @@ type AckAnswer = tokio::sync::oneshot::Receiver<Result<u64, StoreError>>;
 
 impl EmbeddedStore {
     /// Queues appends, in order and all under one lock (so one batch of a caller is never
-    /// interleaved with another's), for the group committer, starting it if it is idle.
+    /// interleaved with another's), for the group committer.
     fn enqueue_appends(&self, appends: Vec<AppendRequest>) -> Vec<AppendAnswer> {
+        if appends.is_empty() {
+            return Vec::new();
+        }
         let mut answers = Vec::with_capacity(appends.len());
-        let start_committer = {
-            let mut queue = self.inner.appends.lock().unwrap_or_else(|e| e.into_inner());
+        self.enqueue(|queue| {
             for a in appends {
                 let (done, answer) = tokio::sync::oneshot::channel();
-                queue.pending.push(PendingAppend {
+                queue.appends.push(PendingAppend {
                     mailbox: a.mailbox,
                     message_id: a.message_id,
                     record: a.record,
@@ -299,35 +301,34 @@ impl EmbeddedStore {
                 });
                 answers.push(answer);
             }
-            !answers.is_empty() && !std::mem::replace(&mut queue.committing, true)
-        };
-        if start_committer {
-            self.start_committer();
-        }
+        });
         answers
     }
 
-    /// Queues an ack for the group committer, starting it if it is idle.
+    /// Queues an ack for the group committer.
     fn enqueue_ack(&self, mailbox: &MailboxId, up_to_seq: u64) -> AckAnswer {
         let (done, answer) = tokio::sync::oneshot::channel();
-        let start_committer = {
-            let mut queue = self.inner.appends.lock().unwrap_or_else(|e| e.into_inner());
+        self.enqueue(|queue| {
             queue.acks.push(PendingAck {
                 mailbox: mailbox.clone(),
                 up_to_seq,
                 done,
-            });
-            !std::mem::replace(&mut queue.committing, true)
-        };
-        if start_committer {
-            self.start_committer();
-        }
+            })
+        });
         answer
     }
 
-    fn start_committer(&self) {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.commit_appends());
+    /// Adds to the write queue under its lock and starts the committer if it is idle.
+    fn enqueue(&self, add: impl FnOnce(&mut WriteQueue)) {
+        let start_committer = {
+            let mut queue = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
+            add(&mut queue);
+            !std::mem::replace(&mut queue.committing, true)
+        };
+        if start_committer {
+            let inner = Arc::clone(&self.inner);
+            tokio::task::spawn_blocking(move || inner.commit_queued());
+        }
     }
 }
 
@@ -343,7 +344,7 @@ impl std::fmt::Debug for EmbeddedStore {
 /// How long `open` waits for a just-dropped store of this process to release the file.
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Opens (or creates) the database. The append committer of a store that was just dropped
+/// Opens (or creates) the database. The committer of a store that was just dropped
 /// answers its callers a moment before its thread lets go of the database, so a reopen in the
 /// same process may briefly find the file still open: wait for that, not for another process.
 fn create_database(path: &Path) -> Result<Database, StoreError> {
@@ -405,7 +406,7 @@ impl EmbeddedStore {
                 keys,
                 path,
                 dedup_window,
-                appends: Mutex::new(AppendQueue::default()),
+                queue: Mutex::new(WriteQueue::default()),
             })
         })
         .await
