@@ -45,7 +45,9 @@
 //!   `CHATAPP_MSGIDS` (expected subject sequence 0) with seq 0 ("pending"); after the append the
 //!   claim is replaced by the seq. A resend finds the seq and is answered as a duplicate; a
 //!   concurrent resend waits for the pending claim; a claim left pending by a crashed instance is
-//!   taken over after [`CLAIM_STALE`], after looking for the id in the live log. Acked ids go to
+//!   taken over after [`CLAIM_STALE`], after looking for the id in the live log; a claim whose
+//!   append failed is given up as stale at once (the append may have landed), never deleted,
+//!   so its resend takes it over the same way. Acked ids go to
 //!   the `acked` ring and are forgotten oldest first beyond the duplicate window, like the
 //!   embedded store. (JetStream's own `Nats-Msg-Id` window is only time-based, so it is not used.)
 
@@ -750,6 +752,34 @@ impl NatsStore {
         Err(contention(&subject))
     }
 
+    /// Marks this caller's pending claim (stream sequence `claim`) as stale at once, so that
+    /// the next writer of the id takes it over, which looks for the id in the live log before
+    /// appending.
+    async fn abandon_claim(
+        &self,
+        mailbox: &MailboxId,
+        message_id: &MessageId,
+        claim: u64,
+    ) -> Result<(), StoreError> {
+        // Pending (seq 0), claimed at time 0: older than any CLAIM_STALE.
+        let abandoned = [0u8; 16];
+        let sealed = self.keys().seal(
+            Table::MailboxIds,
+            &mailbox_slot(mailbox).bytes(message_id),
+            &abandoned,
+        )?;
+        // A conflict means another writer took the claim over already: nothing to give up.
+        let _ = self
+            .publish(
+                &msgid_subject(mailbox, message_id),
+                sealed,
+                None,
+                Expect::Subject(claim),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Remembers the acked messages in the ring and forgets the oldest beyond the window.
     async fn remember_acked(
         &self,
@@ -1076,9 +1106,12 @@ impl Store for NatsStore {
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(e) => {
-                // Release the claim so that a resend is not kept waiting.
-                if let Err(release) = self.inner.msgids.delete_message(claim).await {
-                    tracing::warn!(error = %release, "cannot release a message id claim");
+                // Give the claim up so that a resend is not kept waiting, but as an abandoned
+                // claim, not a deleted one: the error may be a publish whose ack timed out while
+                // the entry did land, and only a takeover looks for the id in the log first
+                // (deleting the claim let the resend append the message a second time).
+                if let Err(abandon) = self.abandon_claim(mailbox, &message_id, claim).await {
+                    tracing::warn!(error = %abandon, "cannot give up a message id claim");
                 }
                 return Err(e);
             }
