@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use redb::{
@@ -21,6 +21,7 @@ use redb::{
     WriteTransaction,
 };
 
+use super::mailbox_log::{MailboxLog, MailboxSnapshot};
 use super::seal::{DataKeyRing, Slot, Table};
 use super::{
     AppendOutcome, AppendRequest, DEDUP_WINDOW, MailboxId, MessageId, Prekey, Store, StoreError,
@@ -56,280 +57,8 @@ struct Inner {
     db: Database,
     keys: DataKeyRing,
     path: PathBuf,
-    /// Acked message ids remembered per mailbox ([`DEDUP_WINDOW`]; smaller in tests).
-    dedup_window: u64,
-    /// Appends and acks waiting for the next group commit.
-    queue: Mutex<WriteQueue>,
-}
-
-/// One [`Store::append`] call waiting for its commit.
-struct PendingAppend {
-    mailbox: MailboxId,
-    message_id: MessageId,
-    record: Vec<u8>,
-    max_depth: u64,
-    done: tokio::sync::oneshot::Sender<Result<AppendOutcome, StoreError>>,
-}
-
-/// One [`Store::ack`] call waiting for its commit.
-struct PendingAck {
-    mailbox: MailboxId,
-    up_to_seq: u64,
-    done: tokio::sync::oneshot::Sender<Result<u64, StoreError>>,
-}
-
-#[derive(Default)]
-struct WriteQueue {
-    appends: Vec<PendingAppend>,
-    acks: Vec<PendingAck>,
-    /// A committer is running on the blocking pool and will take `appends` and `acks`.
-    committing: bool,
-}
-
-/// Clears `committing` if the committer unwinds, so later writes start a new one (the
-/// callers of the batch it held see their answer channel closed).
-struct CommitterGuard<'a>(&'a Inner);
-
-impl Drop for CommitterGuard<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .committing = false;
-        }
-    }
-}
-
-impl Inner {
-    /// Commits queued acks and appends, a batch per write transaction, until the queue is empty.
-    fn commit_queued(&self) {
-        let _guard = CommitterGuard(self);
-        loop {
-            let (acks, batch) = {
-                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if queue.appends.is_empty() && queue.acks.is_empty() {
-                    queue.committing = false;
-                    return;
-                }
-                (
-                    std::mem::take(&mut queue.acks),
-                    std::mem::take(&mut queue.appends),
-                )
-            };
-            let (ack_results, results) = match self.write_batch(&acks, &batch) {
-                Ok(results) => results,
-                // One bad write must not fail its neighbours: each alone, as without batching.
-                Err(_) if acks.len() + batch.len() > 1 => (
-                    acks.iter()
-                        .map(|a| {
-                            self.write_batch(std::slice::from_ref(a), &[])
-                                .and_then(|(mut r, _)| r.remove(0))
-                        })
-                        .collect(),
-                    batch
-                        .iter()
-                        .map(|p| {
-                            self.write_batch(&[], std::slice::from_ref(p))
-                                .and_then(|(_, mut r)| r.remove(0))
-                        })
-                        .collect(),
-                ),
-                Err(e) if acks.is_empty() => (Vec::new(), vec![Err(e)]),
-                Err(e) => (vec![Err(e)], Vec::new()),
-            };
-            for (pending, result) in acks.into_iter().zip(ack_results) {
-                let _ = pending.done.send(result);
-            }
-            for (pending, result) in batch.into_iter().zip(results) {
-                let _ = pending.done.send(result);
-            }
-        }
-    }
-
-    /// Applies the acks, then the appends, in one write transaction and commits it (durably).
-    /// A full mailbox refuses that append only; any other error aborts the whole transaction.
-    #[allow(clippy::type_complexity)]
-    fn write_batch(
-        &self,
-        acks: &[PendingAck],
-        batch: &[PendingAppend],
-    ) -> Result<
-        (
-            Vec<Result<u64, StoreError>>,
-            Vec<Result<AppendOutcome, StoreError>>,
-        ),
-        StoreError,
-    > {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        let mut acked = Vec::with_capacity(acks.len());
-        for a in acks {
-            acked.push(Ok(ack_in(
-                &txn,
-                &self.keys,
-                self.dedup_window,
-                &a.mailbox,
-                a.up_to_seq,
-            )?));
-        }
-        let mut out = Vec::with_capacity(batch.len());
-        if !batch.is_empty() {
-            let mut appends = AppendTxn::open(&txn)?;
-            for p in batch {
-                match appends.append(&self.keys, &p.mailbox, p.message_id, &p.record, p.max_depth) {
-                    Err(StoreError::MailboxFull { limit }) => {
-                        out.push(Err(StoreError::MailboxFull { limit }));
-                    }
-                    result => out.push(Ok(result?)),
-                }
-            }
-            appends.finish(&self.keys)?;
-        }
-        txn.commit().map_err(db_err)?;
-        Ok((acked, out))
-    }
-}
-
-/// Deletes the messages of `mailbox` up to `up_to_seq` inside `txn`, remembers their ids for
-/// the duplicate window and forgets the oldest beyond `dedup_window`; how many were deleted.
-fn ack_in(
-    txn: &WriteTransaction,
-    keys: &DataKeyRing,
-    dedup_window: u64,
-    mailbox: &MailboxId,
-    up_to_seq: u64,
-) -> Result<u64, StoreError> {
-    let user = mailbox.username.as_str();
-    let device = mailbox.device_id;
-    let mut states = txn.open_table(MAILBOX_STATE).map_err(db_err)?;
-    let mut state = MailboxState::load(&states, keys, mailbox)?;
-    let mut messages = txn.open_table(MAILBOX_MESSAGES).map_err(db_err)?;
-    let mut acked = txn.open_table(MAILBOX_ACKED).map_err(db_err)?;
-    let mut ids = txn.open_table(MAILBOX_IDS).map_err(db_err)?;
-
-    let mut done = Vec::new();
-    for entry in messages
-        .range((user, device, 0)..=(user, device, up_to_seq))
-        .map_err(db_err)?
-    {
-        let (row, sealed) = entry.map_err(db_err)?;
-        let seq = row.value().2;
-        let plain = keys.open(
-            Table::MailboxMessages,
-            &seq_slot(mailbox, seq),
-            sealed.value(),
-        )?;
-        done.push(decode_message(seq, plain)?);
-    }
-    for message in &done {
-        messages
-            .remove((user, device, message.seq))
-            .map_err(db_err)?;
-        let sealed = keys.seal(
-            Table::MailboxAcked,
-            &seq_slot(mailbox, message.seq),
-            &message.message_id,
-        )?;
-        acked
-            .insert((user, device, message.seq), sealed.as_slice())
-            .map_err(db_err)?;
-    }
-    let removed = done.len() as u64;
-    state.depth = state.depth.saturating_sub(removed);
-    state.remembered += removed;
-
-    // Forget the oldest acked ids beyond the duplicate window.
-    while state.remembered > dedup_window {
-        let oldest = {
-            let mut range = acked
-                .range((user, device, 0)..=(user, device, u64::MAX))
-                .map_err(db_err)?;
-            match range.next() {
-                None => None,
-                Some(entry) => {
-                    let (row, sealed) = entry.map_err(db_err)?;
-                    Some((row.value().2, sealed.value().to_vec()))
-                }
-            }
-        };
-        let Some((seq, sealed)) = oldest else {
-            state.remembered = 0;
-            break;
-        };
-        let plain = keys.open(Table::MailboxAcked, &seq_slot(mailbox, seq), &sealed)?;
-        let message_id = read_message_id(&plain, "acked message id")?;
-        acked.remove((user, device, seq)).map_err(db_err)?;
-        ids.remove((user, device, message_id)).map_err(db_err)?;
-        state.remembered -= 1;
-    }
-
-    if removed > 0 {
-        let sealed_state =
-            keys.seal(Table::MailboxState, &mailbox_slot(mailbox), &state.encode())?;
-        states
-            .insert((user, device), sealed_state.as_slice())
-            .map_err(db_err)?;
-    }
-    Ok(removed)
-}
-
-fn committer_stopped() -> StoreError {
-    StoreError::Backend("the store's committer stopped".into())
-}
-
-type AppendAnswer = tokio::sync::oneshot::Receiver<Result<AppendOutcome, StoreError>>;
-type AckAnswer = tokio::sync::oneshot::Receiver<Result<u64, StoreError>>;
-
-impl EmbeddedStore {
-    /// Queues appends, in order and all under one lock (so one batch of a caller is never
-    /// interleaved with another's), for the group committer.
-    fn enqueue_appends(&self, appends: Vec<AppendRequest>) -> Vec<AppendAnswer> {
-        if appends.is_empty() {
-            return Vec::new();
-        }
-        let mut answers = Vec::with_capacity(appends.len());
-        self.enqueue(|queue| {
-            for a in appends {
-                let (done, answer) = tokio::sync::oneshot::channel();
-                queue.appends.push(PendingAppend {
-                    mailbox: a.mailbox,
-                    message_id: a.message_id,
-                    record: a.record,
-                    max_depth: a.max_depth,
-                    done,
-                });
-                answers.push(answer);
-            }
-        });
-        answers
-    }
-
-    /// Queues an ack for the group committer.
-    fn enqueue_ack(&self, mailbox: &MailboxId, up_to_seq: u64) -> AckAnswer {
-        let (done, answer) = tokio::sync::oneshot::channel();
-        self.enqueue(|queue| {
-            queue.acks.push(PendingAck {
-                mailbox: mailbox.clone(),
-                up_to_seq,
-                done,
-            })
-        });
-        answer
-    }
-
-    /// Adds to the write queue under its lock and starts the committer if it is idle.
-    fn enqueue(&self, add: impl FnOnce(&mut WriteQueue)) {
-        let start_committer = {
-            let mut queue = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
-            add(&mut queue);
-            !std::mem::replace(&mut queue.committing, true)
-        };
-        if start_committer {
-            let inner = Arc::clone(&self.inner);
-            tokio::task::spawn_blocking(move || inner.commit_queued());
-        }
-    }
+    /// The mailboxes: an append-only log beside the database (see [`super::mailbox_log`]).
+    mailboxes: MailboxLog,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -395,18 +124,15 @@ impl EmbeddedStore {
                 txn.open_table(PREKEYS).map_err(db_err)?;
                 txn.open_table(LEAVES).map_err(db_err)?;
                 txn.open_table(META).map_err(db_err)?;
-                txn.open_table(MAILBOX_MESSAGES).map_err(db_err)?;
-                txn.open_table(MAILBOX_STATE).map_err(db_err)?;
-                txn.open_table(MAILBOX_IDS).map_err(db_err)?;
-                txn.open_table(MAILBOX_ACKED).map_err(db_err)?;
             }
             txn.commit().map_err(db_err)?;
+            move_mailboxes_to_the_log(&db, &keys, &dir)?;
+            let mailboxes = MailboxLog::open(&dir, &keys, dedup_window)?;
             Ok(Inner {
                 db,
                 keys,
                 path,
-                dedup_window,
-                queue: Mutex::new(WriteQueue::default()),
+                mailboxes,
             })
         })
         .await
@@ -477,10 +203,6 @@ fn seq_slot(mailbox: &MailboxId, seq: u64) -> Slot {
     mailbox_slot(mailbox).u64(seq)
 }
 
-fn id_slot(mailbox: &MailboxId, message_id: &MessageId) -> Slot {
-    mailbox_slot(mailbox).bytes(message_id)
-}
-
 fn read_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| {
         StoreError::Corrupt(format!("{what}: expected 8 bytes, got {}", bytes.len()))
@@ -506,6 +228,7 @@ struct MailboxState {
 }
 
 impl MailboxState {
+    #[cfg(test)]
     fn encode(&self) -> [u8; 24] {
         let mut out = [0u8; 24];
         out[..8].copy_from_slice(&self.last_seq.to_be_bytes());
@@ -527,24 +250,6 @@ impl MailboxState {
             remembered: read_u64(&bytes[16..], "mailbox state")?,
         })
     }
-
-    fn load(
-        table: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
-        keys: &DataKeyRing,
-        mailbox: &MailboxId,
-    ) -> Result<Self, StoreError> {
-        match table
-            .get((mailbox.username.as_str(), mailbox.device_id))
-            .map_err(db_err)?
-        {
-            None => Ok(MailboxState::default()),
-            Some(sealed) => {
-                let plain =
-                    keys.open(Table::MailboxState, &mailbox_slot(mailbox), sealed.value())?;
-                MailboxState::decode(&plain)
-            }
-        }
-    }
 }
 
 /// Splits a `mailbox_messages` plaintext into message id and envelope.
@@ -560,100 +265,6 @@ fn decode_message(seq: u64, plain: Vec<u8>) -> Result<StoredMessage, StoreError>
         message_id,
         record: plain[16..].to_vec(),
     })
-}
-
-/// Appends one message inside `txn` (see [`Store::append`]); refuses before writing anything
-/// when the message is a duplicate or the mailbox is full.
-/// The mailbox tables of one write transaction of appends: each table opened once, and each
-/// mailbox's state read once and written (sealed) once, by [`AppendTxn::finish`], however
-/// many of the batch's appends go to it.
-struct AppendTxn<'t> {
-    ids: redb::Table<'t, (&'static str, u32, MessageId), &'static [u8]>,
-    states: redb::Table<'t, (&'static str, u32), &'static [u8]>,
-    messages: redb::Table<'t, (&'static str, u32, u64), &'static [u8]>,
-    /// States of the mailboxes appended to, as they will be written.
-    changed: HashMap<MailboxId, MailboxState>,
-}
-
-impl<'t> AppendTxn<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Self {
-            ids: txn.open_table(MAILBOX_IDS).map_err(db_err)?,
-            states: txn.open_table(MAILBOX_STATE).map_err(db_err)?,
-            messages: txn.open_table(MAILBOX_MESSAGES).map_err(db_err)?,
-            changed: HashMap::new(),
-        })
-    }
-
-    fn append(
-        &mut self,
-        keys: &DataKeyRing,
-        mailbox: &MailboxId,
-        message_id: MessageId,
-        record: &[u8],
-        max_depth: u64,
-    ) -> Result<AppendOutcome, StoreError> {
-        let user = mailbox.username.as_str();
-        let device = mailbox.device_id;
-        if let Some(sealed) = self.ids.get((user, device, message_id)).map_err(db_err)? {
-            let plain = keys.open(
-                Table::MailboxIds,
-                &id_slot(mailbox, &message_id),
-                sealed.value(),
-            )?;
-            let seq = read_u64(&plain, "mailbox id")?;
-            return Ok(AppendOutcome {
-                seq,
-                duplicate: true,
-            });
-        }
-        let mut state = match self.changed.get(mailbox) {
-            Some(state) => *state,
-            None => MailboxState::load(&self.states, keys, mailbox)?,
-        };
-        let seq = super::next_seq_unless_full(mailbox, state.last_seq, state.depth, max_depth)?;
-        state.last_seq = seq;
-        state.depth += 1;
-
-        let mut plain = Vec::with_capacity(16 + record.len());
-        plain.extend_from_slice(&message_id);
-        plain.extend_from_slice(record);
-        let sealed = keys.seal(Table::MailboxMessages, &seq_slot(mailbox, seq), &plain)?;
-        self.messages
-            .insert((user, device, seq), sealed.as_slice())
-            .map_err(db_err)?;
-        let sealed_id = keys.seal(
-            Table::MailboxIds,
-            &id_slot(mailbox, &message_id),
-            &seq.to_be_bytes(),
-        )?;
-        self.ids
-            .insert((user, device, message_id), sealed_id.as_slice())
-            .map_err(db_err)?;
-        self.changed.insert(mailbox.clone(), state);
-        Ok(AppendOutcome {
-            seq,
-            duplicate: false,
-        })
-    }
-
-    /// Writes the state of every mailbox appended to.
-    fn finish(mut self, keys: &DataKeyRing) -> Result<(), StoreError> {
-        for (mailbox, state) in std::mem::take(&mut self.changed) {
-            let sealed = keys.seal(
-                Table::MailboxState,
-                &mailbox_slot(&mailbox),
-                &state.encode(),
-            )?;
-            self.states
-                .insert(
-                    (mailbox.username.as_str(), mailbox.device_id),
-                    sealed.as_slice(),
-                )
-                .map_err(db_err)?;
-        }
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -871,19 +482,20 @@ impl Store for EmbeddedStore {
             record,
             max_depth,
         };
-        let mut answers = self.enqueue_appends(vec![request]);
-        match answers.pop() {
-            Some(answer) => answer.await.unwrap_or_else(|_| Err(committer_stopped())),
-            None => Err(committer_stopped()),
-        }
+        let mut out = self.append_many(vec![request]).await;
+        out.pop().unwrap_or_else(|| Err(committer_stopped()))
     }
 
     async fn append_many(
         &self,
         appends: Vec<AppendRequest>,
     ) -> Vec<Result<AppendOutcome, StoreError>> {
-        let mut out = Vec::with_capacity(appends.len());
-        for answer in self.enqueue_appends(appends) {
+        let answers = self
+            .inner
+            .mailboxes
+            .enqueue_appends(appends, || self.start_committer());
+        let mut out = Vec::with_capacity(answers.len());
+        for answer in answers {
             out.push(answer.await.unwrap_or_else(|_| Err(committer_stopped())));
         }
         out
@@ -895,59 +507,168 @@ impl Store for EmbeddedStore {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let mailbox = mailbox.clone();
-        self.read(move |txn, keys| {
-            let Some(first) = after_seq.checked_add(1) else {
-                return Ok(Vec::new());
-            };
-            let user = mailbox.username.as_str();
-            let device = mailbox.device_id;
-            let table = txn.open_table(MAILBOX_MESSAGES).map_err(db_err)?;
-            let mut out = Vec::new();
-            for entry in table
-                .range((user, device, first)..=(user, device, u64::MAX))
-                .map_err(db_err)?
-                .take(limit)
-            {
-                let (row, sealed) = entry.map_err(db_err)?;
-                let seq = row.value().2;
-                let plain = keys.open(
-                    Table::MailboxMessages,
-                    &seq_slot(&mailbox, seq),
-                    sealed.value(),
-                )?;
-                out.push(decode_message(seq, plain)?);
-            }
-            Ok(out)
-        })
-        .await
+        self.inner
+            .mailboxes
+            .fetch(&self.inner.keys, mailbox, after_seq, limit)
     }
 
     async fn ack(&self, mailbox: &MailboxId, up_to_seq: u64) -> Result<u64, StoreError> {
-        self.enqueue_ack(mailbox, up_to_seq)
+        self.inner
+            .mailboxes
+            .enqueue_ack(mailbox, up_to_seq, || self.start_committer())
             .await
             .unwrap_or_else(|_| Err(committer_stopped()))
     }
 
     async fn depth(&self, mailbox: &MailboxId) -> Result<u64, StoreError> {
-        let mailbox = mailbox.clone();
-        self.read(move |txn, keys| {
-            let states = txn.open_table(MAILBOX_STATE).map_err(db_err)?;
-            Ok(MailboxState::load(&states, keys, &mailbox)?.depth)
-        })
-        .await
+        self.inner.mailboxes.depth(mailbox)
     }
 
     async fn next_seq(&self, mailbox: &MailboxId) -> Result<u64, StoreError> {
-        let mailbox = mailbox.clone();
-        self.read(move |txn, keys| {
-            let states = txn.open_table(MAILBOX_STATE).map_err(db_err)?;
-            Ok(MailboxState::load(&states, keys, &mailbox)?
-                .last_seq
-                .saturating_add(1))
-        })
-        .await
+        self.inner.mailboxes.next_seq(mailbox)
     }
+}
+
+fn committer_stopped() -> StoreError {
+    StoreError::Backend("the store's committer stopped".into())
+}
+
+impl EmbeddedStore {
+    /// Starts the mailbox log's group committer on the blocking pool.
+    fn start_committer(&self) {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.mailboxes.commit_queued(&inner.keys));
+    }
+}
+
+/// Marks in `meta` that the mailboxes live in the log file (sealed like every value).
+const MAILBOXES_IN_LOG: &str = "mailboxes_in_log";
+
+/// Moves the mailboxes of a database written before the mailbox log (redb tables
+/// `mailbox_messages`, `mailbox_state`, `mailbox_ids`, `mailbox_acked`) into a new log file, once.
+///
+/// Crash-safe by order: the log is written and renamed into place first; only then are the
+/// tables dropped and the marker set, in one transaction. A crash in between leaves the tables
+/// and no marker, so the next open writes the log again from them. A new database takes the same
+/// path with no mailboxes and starts an empty log.
+fn move_mailboxes_to_the_log(
+    db: &Database,
+    keys: &DataKeyRing,
+    dir: &Path,
+) -> Result<(), StoreError> {
+    let marker = Slot::new().str(MAILBOXES_IN_LOG);
+    {
+        let txn = db.begin_read().map_err(db_err)?;
+        let meta = txn.open_table(META).map_err(db_err)?;
+        if let Some(sealed) = meta.get(MAILBOXES_IN_LOG).map_err(db_err)? {
+            keys.open(Table::Meta, &marker, sealed.value())?;
+            return Ok(());
+        }
+    }
+    let snapshots = legacy_mailboxes(db, keys)?;
+    let moved: usize = snapshots.iter().map(|s| s.live.len()).sum();
+    super::mailbox_log::write_log(dir, keys, 1, snapshots.into_iter().map(Ok))?;
+    let txn = db.begin_write().map_err(db_err)?;
+    // A new database has none of these tables: nothing to delete is not an error.
+    txn.delete_table(MAILBOX_MESSAGES).map_err(db_err)?;
+    txn.delete_table(MAILBOX_STATE).map_err(db_err)?;
+    txn.delete_table(MAILBOX_IDS).map_err(db_err)?;
+    txn.delete_table(MAILBOX_ACKED).map_err(db_err)?;
+    {
+        let mut meta = txn.open_table(META).map_err(db_err)?;
+        let sealed = keys.seal(Table::Meta, &marker, b"1")?;
+        meta.insert(MAILBOXES_IN_LOG, sealed.as_slice())
+            .map_err(db_err)?;
+    }
+    txn.commit().map_err(db_err)?;
+    if moved > 0 {
+        tracing::info!(
+            messages = moved,
+            "mailboxes moved from the database to the mailbox log"
+        );
+    }
+    Ok(())
+}
+
+/// Every mailbox of the pre-log tables: counters, remembered acked ids and unacked messages.
+fn legacy_mailboxes(db: &Database, keys: &DataKeyRing) -> Result<Vec<MailboxSnapshot>, StoreError> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let mut by_mailbox: HashMap<MailboxId, MailboxSnapshot> = HashMap::new();
+    let snapshot = |map: &mut HashMap<MailboxId, MailboxSnapshot>, user: &str, device: u32| {
+        let mailbox = MailboxId::new(user, device);
+        // `entry` would clone the key on every row.
+        if !map.contains_key(&mailbox) {
+            map.insert(
+                mailbox.clone(),
+                MailboxSnapshot {
+                    mailbox: mailbox.clone(),
+                    last_seq: 0,
+                    acked: Vec::new(),
+                    live: Vec::new(),
+                },
+            );
+        }
+        mailbox
+    };
+    match txn.open_table(MAILBOX_STATE) {
+        Ok(states) => {
+            for entry in states.iter().map_err(db_err)? {
+                let (row, sealed) = entry.map_err(db_err)?;
+                let (user, device) = row.value();
+                let mailbox = snapshot(&mut by_mailbox, user, device);
+                let plain =
+                    keys.open(Table::MailboxState, &mailbox_slot(&mailbox), sealed.value())?;
+                let state = MailboxState::decode(&plain)?;
+                if let Some(s) = by_mailbox.get_mut(&mailbox) {
+                    s.last_seq = state.last_seq;
+                }
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(db_err(e)),
+    }
+    match txn.open_table(MAILBOX_MESSAGES) {
+        Ok(messages) => {
+            for entry in messages.iter().map_err(db_err)? {
+                let (row, sealed) = entry.map_err(db_err)?;
+                let (user, device, seq) = row.value();
+                let mailbox = snapshot(&mut by_mailbox, user, device);
+                let plain = keys.open(
+                    Table::MailboxMessages,
+                    &seq_slot(&mailbox, seq),
+                    sealed.value(),
+                )?;
+                let message = decode_message(seq, plain)?;
+                if let Some(s) = by_mailbox.get_mut(&mailbox) {
+                    s.last_seq = s.last_seq.max(seq);
+                    s.live.push(message);
+                }
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(db_err(e)),
+    }
+    match txn.open_table(MAILBOX_ACKED) {
+        Ok(acked) => {
+            for entry in acked.iter().map_err(db_err)? {
+                let (row, sealed) = entry.map_err(db_err)?;
+                let (user, device, seq) = row.value();
+                let mailbox = snapshot(&mut by_mailbox, user, device);
+                let plain = keys.open(
+                    Table::MailboxAcked,
+                    &seq_slot(&mailbox, seq),
+                    sealed.value(),
+                )?;
+                let id = read_message_id(&plain, "acked message id")?;
+                if let Some(s) = by_mailbox.get_mut(&mailbox) {
+                    s.acked.push((seq, id));
+                }
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(db_err(e)),
+    }
+    Ok(by_mailbox.into_values().collect())
 }
 
 #[cfg(test)]
@@ -1053,15 +774,17 @@ mod tests {
         collect!(PREKEYS);
         collect!(LEAVES);
         collect!(META);
-        collect!(MAILBOX_MESSAGES);
-        collect!(MAILBOX_STATE);
-        collect!(MAILBOX_IDS);
-        collect!(MAILBOX_ACKED);
-        assert_eq!(values.len(), 1 + 2 + 1 + 1 + 1 + 1 + 2 + 1);
+        // Account, two prekeys, a leaf, the tree head and the mailboxes-in-log marker.
+        assert_eq!(values.len(), 1 + 2 + 1 + 2);
         for value in values {
             assert!(value.len() >= super::super::seal::MIN_RECORD_LEN);
             assert_eq!(&value[..5], &[1, 0, 0, 0, 1], "version 1, key id 1");
         }
+        // The mailboxes are in the log, not in tables.
+        assert!(matches!(
+            txn.open_table(MAILBOX_MESSAGES),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ));
     }
 
     #[tokio::test]
@@ -1093,10 +816,8 @@ mod tests {
             .expect("resend");
         assert_eq!((forgotten.seq, forgotten.duplicate), (5, false));
 
-        let txn = store.inner.db.begin_read().expect("txn");
-        let acked = txn.open_table(MAILBOX_ACKED).expect("table");
         assert_eq!(
-            acked.len().expect("len"),
+            store.inner.mailboxes.remembered(&mailbox),
             2,
             "the acked ring holds the window"
         );
@@ -1222,6 +943,270 @@ mod tests {
             while tasks.join_next().await.is_some() {}
             let per_sec = 1000.0 / start.elapsed().as_secs_f64();
             println!("{concurrency} concurrent appenders: {per_sec:.0} appends/s");
+        }
+    }
+
+    fn log_path(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join(super::super::mailbox_log::LOG_FILE)
+    }
+
+    async fn append_n(store: &EmbeddedStore, mailbox: &MailboxId, ids: std::ops::Range<u8>) {
+        for n in ids {
+            let outcome = store
+                .append(mailbox, [n; 16], vec![n; 40], 1000)
+                .await
+                .expect("append");
+            assert!(!outcome.duplicate);
+        }
+    }
+
+    async fn ids_in(store: &EmbeddedStore, mailbox: &MailboxId) -> Vec<(u64, u8)> {
+        store
+            .fetch(mailbox, 0, 1000)
+            .await
+            .expect("fetch")
+            .into_iter()
+            .map(|m| {
+                assert_eq!(m.record, vec![m.message_id[0]; 40], "record of {}", m.seq);
+                (m.seq, m.message_id[0])
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_batch_is_cut_off_and_everything_acknowledged_stays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = DataKeyRing::generate(&mut OsRng);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("open");
+        let mailbox = MailboxId::new("tess", 1);
+        append_n(&store, &mailbox, 1..4).await;
+        drop(store);
+        let good_len = std::fs::metadata(log_path(&dir)).expect("log").len();
+
+        // A crash in the middle of the next batch's write: its header promises 500 bytes and
+        // fewer made it to the disk.
+        let mut torn = 500u32.to_le_bytes().to_vec();
+        torn.extend_from_slice(&[7u8; 120]);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log_path(&dir))
+            .expect("open log");
+        std::io::Write::write_all(&mut file, &torn).expect("write");
+        drop(file);
+
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("reopen after a torn write");
+        assert_eq!(
+            std::fs::metadata(log_path(&dir)).expect("log").len(),
+            good_len
+        );
+        assert_eq!(ids_in(&store, &mailbox).await, vec![(1, 1), (2, 2), (3, 3)]);
+        let next = store
+            .append(&mailbox, [4; 16], vec![4; 40], 1000)
+            .await
+            .expect("append");
+        assert_eq!((next.seq, next.duplicate), (4, false));
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("reopen");
+        assert_eq!(ids_in(&store, &mailbox).await.len(), 4);
+
+        // A zero-filled tail (the file grew, its data never landed) is torn too.
+        drop(store);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log_path(&dir))
+            .expect("open log");
+        std::io::Write::write_all(&mut file, &[0u8; 4096]).expect("write");
+        drop(file);
+        let store = EmbeddedStore::open(dir.path(), keys)
+            .await
+            .expect("reopen after a zero-filled tail");
+        assert_eq!(ids_in(&store, &mailbox).await.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_batch_with_more_after_it_refuses_to_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = DataKeyRing::generate(&mut OsRng);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("open");
+        let mailbox = MailboxId::new("dora", 1);
+        append_n(&store, &mailbox, 1..4).await;
+        drop(store);
+        let mut bytes = std::fs::read(log_path(&dir)).expect("read");
+        // Flip a byte inside the first batch's sealed entry. The header is 16 bytes, a
+        // length and the sealed check entry: 4 + 33 + 19.
+        let first_batch = 16 + 4 + super::super::seal::MIN_RECORD_LEN + 19;
+        bytes[first_batch + 4 + 4 + 30] ^= 0x55;
+        std::fs::write(log_path(&dir), &bytes).expect("write");
+        let err = EmbeddedStore::open(dir.path(), keys)
+            .await
+            .expect_err("a damaged batch in the middle is not a torn write");
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+        assert_eq!(
+            std::fs::read(log_path(&dir)).expect("read"),
+            bytes,
+            "a refused open changes nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wrong_data_key_refuses_to_open_and_cuts_nothing_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = DataKeyRing::generate(&mut OsRng);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("open");
+        let mailbox = MailboxId::new("walt", 1);
+        append_n(&store, &mailbox, 1..3).await;
+        drop(store);
+        let before = std::fs::read(log_path(&dir)).expect("read");
+        let err = EmbeddedStore::open(dir.path(), DataKeyRing::generate(&mut OsRng))
+            .await
+            .expect_err("wrong key");
+        assert!(matches!(err, StoreError::Unseal { .. }), "{err}");
+        assert_eq!(std::fs::read(log_path(&dir)).expect("read"), before);
+        let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
+        assert_eq!(ids_in(&store, &mailbox).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_messages_counters_and_remembered_ids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = DataKeyRing::generate(&mut OsRng);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("open");
+        let (a, b) = (MailboxId::new("ann", 1), MailboxId::new("ben", 2));
+        append_n(&store, &a, 1..21).await;
+        append_n(&store, &b, 1..6).await;
+        assert_eq!(store.ack(&a, 15).await.expect("ack"), 15);
+        assert_eq!(store.ack(&b, 5).await.expect("ack"), 5);
+        let before = std::fs::metadata(log_path(&dir)).expect("log").len();
+        store
+            .inner
+            .mailboxes
+            .compact_now(&store.inner.keys)
+            .expect("compact");
+        let after = std::fs::metadata(log_path(&dir)).expect("log").len();
+        assert!(after < before, "{after} bytes after, {before} before");
+
+        check_compacted(&store, &a, &b).await;
+        drop(store);
+        // The compacted file replays to the same.
+        let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
+        check_compacted(&store, &a, &b).await;
+    }
+
+    async fn check_compacted(store: &EmbeddedStore, a: &MailboxId, b: &MailboxId) {
+        assert_eq!(
+            ids_in(store, a).await,
+            (16..=20).map(|n| (n, n as u8)).collect::<Vec<_>>()
+        );
+        assert!(ids_in(store, b).await.is_empty());
+        assert_eq!(store.depth(a).await.expect("depth"), 5);
+        assert_eq!(store.next_seq(b).await.expect("next"), 6);
+        // An acked id and an unacked one are both still recognised.
+        for (mailbox, id, seq) in [(a, 3u8, 3u64), (a, 18, 18), (b, 5, 5)] {
+            let again = store
+                .append(mailbox, [id; 16], vec![id; 40], 1000)
+                .await
+                .expect("resend");
+            assert_eq!(
+                (again.seq, again.duplicate),
+                (seq, true),
+                "{mailbox} id {id}"
+            );
+        }
+    }
+
+    /// Writes mailbox rows the way the store did before the mailbox log (redb tables).
+    fn write_legacy_mailbox(dir: &Path, keys: &DataKeyRing) {
+        let db = create_database(&dir.join(FILE_NAME)).expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mailbox = MailboxId::new("lena", 3);
+            let mut messages = txn.open_table(MAILBOX_MESSAGES).expect("table");
+            for seq in [4u64, 5] {
+                let mut plain = vec![seq as u8; 16];
+                plain.extend_from_slice(&[seq as u8; 40]);
+                let sealed = keys
+                    .seal(Table::MailboxMessages, &seq_slot(&mailbox, seq), &plain)
+                    .expect("seal");
+                messages
+                    .insert(("lena", 3, seq), sealed.as_slice())
+                    .expect("insert");
+            }
+            let mut acked = txn.open_table(MAILBOX_ACKED).expect("table");
+            for seq in [2u64, 3] {
+                let sealed = keys
+                    .seal(
+                        Table::MailboxAcked,
+                        &seq_slot(&mailbox, seq),
+                        &[seq as u8; 16],
+                    )
+                    .expect("seal");
+                acked
+                    .insert(("lena", 3, seq), sealed.as_slice())
+                    .expect("insert");
+            }
+            let state = MailboxState {
+                last_seq: 5,
+                depth: 2,
+                remembered: 2,
+            };
+            let mut states = txn.open_table(MAILBOX_STATE).expect("table");
+            let sealed = keys
+                .seal(
+                    Table::MailboxState,
+                    &mailbox_slot(&mailbox),
+                    &state.encode(),
+                )
+                .expect("seal");
+            states
+                .insert(("lena", 3), sealed.as_slice())
+                .expect("insert");
+            txn.open_table(MAILBOX_IDS).expect("table");
+        }
+        txn.commit().expect("commit");
+    }
+
+    #[tokio::test]
+    async fn mailboxes_of_a_database_from_before_the_log_are_moved_into_it_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = DataKeyRing::generate(&mut OsRng);
+        write_legacy_mailbox(dir.path(), &keys);
+        let mailbox = MailboxId::new("lena", 3);
+        for round in 0..2 {
+            let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+                .await
+                .expect("open");
+            assert_eq!(
+                ids_in(&store, &mailbox).await,
+                vec![(4, 4), (5, 5)],
+                "round {round}"
+            );
+            assert_eq!(store.next_seq(&mailbox).await.expect("next"), 6);
+            let again = store
+                .append(&mailbox, [2; 16], vec![2; 40], 1000)
+                .await
+                .expect("resend");
+            assert_eq!(
+                (again.seq, again.duplicate),
+                (2, true),
+                "acked id remembered"
+            );
+            let txn = store.inner.db.begin_read().expect("txn");
+            assert!(matches!(
+                txn.open_table(MAILBOX_STATE),
+                Err(redb::TableError::TableDoesNotExist(_))
+            ));
         }
     }
 

@@ -37,6 +37,7 @@ use async_trait::async_trait;
 
 pub mod conformance;
 pub mod embedded;
+mod mailbox_log;
 pub mod nats;
 pub mod seal;
 

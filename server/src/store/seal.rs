@@ -70,6 +70,9 @@ pub enum Table {
     /// (username, device id, entry) -> one entry of a mailbox log (NATS store: a message with
     /// the mailbox counters after it, or an ack marker).
     MailboxLog,
+    /// (log generation, byte offset) -> one entry of the embedded store's mailbox log file (a
+    /// message, an ack, or a mailbox's counters and remembered ids after a compaction).
+    MailboxFile,
 }
 
 impl Table {
@@ -86,6 +89,7 @@ impl Table {
             Table::MailboxAcked => "mailbox_acked",
             Table::PrekeyPools => "prekey_pools",
             Table::MailboxLog => "mailbox_log",
+            Table::MailboxFile => "mailbox_file",
         }
     }
 }

@@ -1,0 +1,1020 @@
+//! The mailboxes of the embedded store: one append-only log file, `DIR/mailboxes.log`, and an
+//! index of it in memory.
+//!
+//! # Why a log and not redb tables
+//! A message is written once and deleted moments later, when its recipient acks it. In redb
+//! tables that was five B-tree updates per message (the message row, its id row, the acked ring
+//! row and the rows the ring forgets, the mailbox counters), each a copy-on-write of 4 KiB
+//! pages, and six AEAD operations; redb was half of a loaded server's CPU (docs/BENCHMARKS.md,
+//! issue #8). Here an append is one sealed entry added to a buffer, an ack one small entry, and
+//! a group commit one `pwrite` and one `fdatasync`.
+//!
+//! # File layout
+//! ```text
+//! file  := "CHATMBX1" generation:u64le check_len:u32le check batch*
+//! batch := body_len:u32le entry*                 (one group commit: one write, one fsync)
+//! entry := sealed_len:u32le sealed               (sealed: seal::DataKeyRing::seal)
+//! ```
+//! Each entry is sealed for [`Table::MailboxFile`] with the slot (generation, offset of the
+//! entry), so an entry cannot be moved inside the file or into another generation of it.
+//! `check` is the sealed text [`CHECK`] at offset 16: opening it first tells a wrong data key
+//! (the store refuses to open, [`StoreError::Unseal`], the file untouched) from a torn write. Entry
+//! plaintexts (integers big-endian, `user` is `len:u16 bytes`):
+//! ```text
+//! 1 append   user device:u32 seq:u64 message_id:[16] record
+//! 2 ack      user device:u32 up_to_seq:u64
+//! 3 mailbox  user device:u32 last_seq:u64 count:u32 (seq:u64 message_id:[16])*count
+//! ```
+//! `mailbox` entries are written by a compaction: the counters and remembered acked ids of a
+//! mailbox, before its unacked messages.
+//!
+//! # Durability and recovery
+//! A batch is written and fsynced before any caller of it is answered, and the next batch is
+//! written only after that, so only the last batch of the file can be torn by a crash. On open,
+//! a last batch that is incomplete, zero-filled or does not authenticate is cut off (it held
+//! only unanswered writes); a bad batch followed by more data is corruption and the store
+//! refuses to open. If a write or fsync fails, the file is cut back to the last good batch
+//! and the index is rebuilt from it, so the callers of the failed batch get an error and
+//! nothing they were not told about is kept.
+//!
+//! # Compaction
+//! When the file has grown past [`COMPACT_MIN_BYTES`] and four times what the last compaction
+//! wrote, the committer writes every mailbox's counters, remembered ids and unacked messages to
+//! `mailboxes.log.tmp` under a new generation, fsyncs it and renames it over the log.
+//!
+//! # Reads
+//! The index holds, per mailbox, the counters, the remembered ids (unacked and the last
+//! `dedup_window` acked) and where each unacked message's entry is. [`MailboxLog::fetch`] reads
+//! the entries back with `pread` (the page cache serves recent ones) and opens them; it shows
+//! only messages whose batch is on disk.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::seal::{DataKeyRing, Slot, Table};
+use super::{AppendOutcome, AppendRequest, MailboxId, MessageId, StoreError, StoredMessage};
+
+/// The log file inside the data directory.
+pub const LOG_FILE: &str = "mailboxes.log";
+const TMP_FILE: &str = "mailboxes.log.tmp";
+const MAGIC: &[u8; 8] = b"CHATMBX1";
+/// Magic and generation; the sealed check entry follows.
+const FIXED_HEADER: usize = 16;
+/// The plaintext of the check entry.
+const CHECK: &[u8] = b"chatapp mailbox log";
+/// A log smaller than this is never compacted.
+pub const COMPACT_MIN_BYTES: u64 = 64 * 1024 * 1024;
+/// Appends taken into one batch at most (the rest wait for the next).
+const MAX_BATCH: usize = 4096;
+/// A batch body at most this long; a compaction writes several.
+const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+
+const KIND_APPEND: u8 = 1;
+const KIND_ACK: u8 = 2;
+const KIND_MAILBOX: u8 = 3;
+
+/// One mailbox's counters and ids, as a compaction or a migration writes them.
+pub(super) struct MailboxSnapshot {
+    pub mailbox: MailboxId,
+    pub last_seq: u64,
+    /// Acked ids still remembered, oldest first.
+    pub acked: Vec<(u64, MessageId)>,
+    /// Unacked messages in seq order.
+    pub live: Vec<StoredMessage>,
+}
+
+/// Where an unacked message's entry is.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    seq: u64,
+    message_id: MessageId,
+    /// Offset of the entry (its length prefix) in the file.
+    offset: u64,
+    sealed_len: u32,
+}
+
+#[derive(Default)]
+struct Mailbox {
+    /// The largest seq ever assigned.
+    last_seq: u64,
+    /// The largest seq whose batch is on disk: fetch shows no later message.
+    durable_seq: u64,
+    live: VecDeque<Live>,
+    /// Acked ids remembered for duplicate detection, oldest first.
+    acked: VecDeque<(u64, MessageId)>,
+    /// Every remembered id (unacked or in `acked`) -> its seq.
+    ids: HashMap<MessageId, u64>,
+}
+
+impl Mailbox {
+    /// Drops the messages up to `up_to_seq`, remembering their ids; how many there were.
+    fn ack(&mut self, up_to_seq: u64, dedup_window: u64) -> u64 {
+        let mut removed = 0;
+        while self.live.front().is_some_and(|l| l.seq <= up_to_seq) {
+            if let Some(l) = self.live.pop_front() {
+                self.acked.push_back((l.seq, l.message_id));
+                removed += 1;
+            }
+        }
+        self.forget_beyond(dedup_window);
+        removed
+    }
+
+    fn forget_beyond(&mut self, dedup_window: u64) {
+        while self.acked.len() as u64 > dedup_window {
+            if let Some((seq, id)) = self.acked.pop_front() {
+                if self.ids.get(&id) == Some(&seq) {
+                    self.ids.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+/// The open log file and its generation.
+struct LogFile {
+    file: File,
+    generation: u64,
+}
+
+struct Index {
+    file: Arc<LogFile>,
+    /// End of the last good batch: where the next one is written.
+    len: u64,
+    /// What the last compaction (or the migration) wrote.
+    snapshot_len: u64,
+    mailboxes: HashMap<MailboxId, Mailbox>,
+    /// Set when the file could not be brought back to a known state: every call fails.
+    failed: Option<String>,
+}
+
+impl Index {
+    fn check(&self) -> Result<(), StoreError> {
+        match &self.failed {
+            Some(why) => Err(StoreError::Backend(format!("mailbox log unusable: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn apply_append(&mut self, mailbox: &MailboxId, live: Live) {
+        let entry = match self.mailboxes.get_mut(mailbox) {
+            Some(entry) => entry,
+            None => self.mailboxes.entry(mailbox.clone()).or_default(),
+        };
+        entry.last_seq = entry.last_seq.max(live.seq);
+        entry.ids.insert(live.message_id, live.seq);
+        entry.live.push_back(live);
+    }
+
+    fn apply_ack(&mut self, mailbox: &MailboxId, up_to_seq: u64, dedup_window: u64) -> u64 {
+        self.mailboxes
+            .get_mut(mailbox)
+            .map_or(0, |entry| entry.ack(up_to_seq, dedup_window))
+    }
+
+    fn apply_snapshot(&mut self, snapshot: MailboxSnapshot, dedup_window: u64) {
+        let entry = self.mailboxes.entry(snapshot.mailbox).or_default();
+        entry.last_seq = entry.last_seq.max(snapshot.last_seq);
+        entry.durable_seq = entry.last_seq;
+        for (seq, id) in snapshot.acked {
+            entry.acked.push_back((seq, id));
+            entry.ids.insert(id, seq);
+        }
+        entry.forget_beyond(dedup_window);
+    }
+}
+
+/// One [`MailboxLog::append_many`] call's append, waiting for its commit.
+struct PendingAppend {
+    request: AppendRequest,
+    done: tokio::sync::oneshot::Sender<Result<AppendOutcome, StoreError>>,
+}
+
+/// One [`MailboxLog::ack`] call waiting for its commit.
+struct PendingAck {
+    mailbox: MailboxId,
+    up_to_seq: u64,
+    done: tokio::sync::oneshot::Sender<Result<u64, StoreError>>,
+}
+
+#[derive(Default)]
+struct WriteQueue {
+    appends: Vec<PendingAppend>,
+    acks: Vec<PendingAck>,
+    /// A committer is running on the blocking pool and will take what is queued.
+    committing: bool,
+}
+
+/// The mailboxes: the log file, its index and the group committer's queue.
+pub(super) struct MailboxLog {
+    dir: PathBuf,
+    dedup_window: u64,
+    index: Mutex<Index>,
+    queue: Mutex<WriteQueue>,
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Backend(format!("{what} {}: {e}", path.display()))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn entry_slot(generation: u64, offset: u64) -> Slot {
+    Slot::new().u64(generation).u64(offset)
+}
+
+// --- entry encoding ---------------------------------------------------------------------
+
+fn put_mailbox(out: &mut Vec<u8>, kind: u8, mailbox: &MailboxId) -> Result<(), StoreError> {
+    let user = mailbox.username.as_bytes();
+    let len = u16::try_from(user.len())
+        .map_err(|_| StoreError::Backend(format!("username of {} bytes", user.len())))?;
+    out.push(kind);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(user);
+    out.extend_from_slice(&mailbox.device_id.to_be_bytes());
+    Ok(())
+}
+
+fn append_plain(
+    mailbox: &MailboxId,
+    seq: u64,
+    id: &MessageId,
+    record: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(1 + 2 + mailbox.username.len() + 4 + 8 + 16 + record.len());
+    put_mailbox(&mut out, KIND_APPEND, mailbox)?;
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(id);
+    out.extend_from_slice(record);
+    Ok(out)
+}
+
+fn ack_plain(mailbox: &MailboxId, up_to_seq: u64) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(1 + 2 + mailbox.username.len() + 4 + 8);
+    put_mailbox(&mut out, KIND_ACK, mailbox)?;
+    out.extend_from_slice(&up_to_seq.to_be_bytes());
+    Ok(out)
+}
+
+fn mailbox_plain(snapshot: &MailboxSnapshot) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(32 + snapshot.acked.len() * 24);
+    put_mailbox(&mut out, KIND_MAILBOX, &snapshot.mailbox)?;
+    out.extend_from_slice(&snapshot.last_seq.to_be_bytes());
+    let count = u32::try_from(snapshot.acked.len())
+        .map_err(|_| StoreError::Backend("too many remembered ids".into()))?;
+    out.extend_from_slice(&count.to_be_bytes());
+    for (seq, id) in &snapshot.acked {
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(id);
+    }
+    Ok(out)
+}
+
+/// A decoded entry plaintext.
+enum Entry {
+    Append {
+        mailbox: MailboxId,
+        seq: u64,
+        message_id: MessageId,
+        record: Vec<u8>,
+    },
+    Ack {
+        mailbox: MailboxId,
+        up_to_seq: u64,
+    },
+    Mailbox(MailboxSnapshot),
+}
+
+/// Reads fields off an entry plaintext; every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.0.len() < n {
+            return Err(StoreError::Corrupt("mailbox log entry is truncated".into()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u16(&mut self) -> Result<u16, StoreError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_be_bytes(a))
+    }
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn id(&mut self) -> Result<MessageId, StoreError> {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(self.take(16)?);
+        Ok(a)
+    }
+    fn mailbox(&mut self) -> Result<MailboxId, StoreError> {
+        let len = usize::from(self.u16()?);
+        let user = std::str::from_utf8(self.take(len)?)
+            .map_err(|_| StoreError::Corrupt("mailbox log entry: username not UTF-8".into()))?
+            .to_owned();
+        Ok(MailboxId::new(user, self.u32()?))
+    }
+}
+
+fn decode_entry(plain: &[u8]) -> Result<Entry, StoreError> {
+    let Some((&kind, rest)) = plain.split_first() else {
+        return Err(StoreError::Corrupt("empty mailbox log entry".into()));
+    };
+    let mut r = Reader(rest);
+    let mailbox = r.mailbox()?;
+    Ok(match kind {
+        KIND_APPEND => Entry::Append {
+            mailbox,
+            seq: r.u64()?,
+            message_id: r.id()?,
+            record: r.0.to_vec(),
+        },
+        KIND_ACK => Entry::Ack {
+            mailbox,
+            up_to_seq: r.u64()?,
+        },
+        KIND_MAILBOX => {
+            let last_seq = r.u64()?;
+            let count = r.u32()? as usize;
+            if r.0.len() != count.saturating_mul(24) {
+                return Err(StoreError::Corrupt(
+                    "mailbox log entry: remembered ids do not match their count".into(),
+                ));
+            }
+            let mut acked = Vec::with_capacity(count);
+            for _ in 0..count {
+                acked.push((r.u64()?, r.id()?));
+            }
+            Entry::Mailbox(MailboxSnapshot {
+                mailbox,
+                last_seq,
+                acked,
+                live: Vec::new(),
+            })
+        }
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "mailbox log entry of unknown kind {other}"
+            )));
+        }
+    })
+}
+
+/// Builds one batch: entries are sealed for their final offset as they are added.
+struct BatchWriter<'k> {
+    keys: &'k DataKeyRing,
+    generation: u64,
+    /// File offset of `buf[0]` (the batch header).
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl<'k> BatchWriter<'k> {
+    fn new(keys: &'k DataKeyRing, generation: u64, start: u64) -> Self {
+        BatchWriter {
+            keys,
+            generation,
+            start,
+            buf: vec![0; 4],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.len() == 4
+    }
+
+    /// Seals and adds an entry; its offset and sealed length.
+    fn push(&mut self, plain: &[u8]) -> Result<(u64, u32), StoreError> {
+        let offset = self.start + self.buf.len() as u64;
+        let sealed = self.keys.seal(
+            Table::MailboxFile,
+            &entry_slot(self.generation, offset),
+            plain,
+        )?;
+        let sealed_len = u32::try_from(sealed.len())
+            .map_err(|_| StoreError::Backend("mailbox log entry over 4 GiB".into()))?;
+        self.buf.extend_from_slice(&sealed_len.to_le_bytes());
+        self.buf.extend_from_slice(&sealed);
+        Ok((offset, sealed_len))
+    }
+
+    /// The finished batch bytes (header filled in).
+    fn finish(mut self) -> Result<Vec<u8>, StoreError> {
+        let body = u32::try_from(self.buf.len() - 4)
+            .map_err(|_| StoreError::Backend("mailbox log batch over 4 GiB".into()))?;
+        self.buf[..4].copy_from_slice(&body.to_le_bytes());
+        Ok(self.buf)
+    }
+}
+
+/// What replaying a log file found.
+struct Replayed {
+    index: Index,
+    /// Bytes of a torn last batch that were cut off.
+    torn: u64,
+}
+
+/// Reads a whole log file and rebuilds the index; cuts a torn last batch off the file.
+fn replay(path: &Path, keys: &DataKeyRing, dedup_window: u64) -> Result<Replayed, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| io_err("cannot open", path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| io_err("cannot read", path, e))?;
+    let bad_header = || {
+        StoreError::Corrupt(format!(
+            "{} is not a mailbox log (bad header)",
+            path.display()
+        ))
+    };
+    if bytes.len() < FIXED_HEADER || &bytes[..8] != MAGIC {
+        return Err(bad_header());
+    }
+    let mut generation = [0u8; 8];
+    generation.copy_from_slice(&bytes[8..16]);
+    let generation = u64::from_le_bytes(generation);
+    let check_len = read_u32(&bytes, FIXED_HEADER).ok_or_else(bad_header)? as usize;
+    let check = bytes
+        .get(FIXED_HEADER + 4..FIXED_HEADER + 4 + check_len)
+        .ok_or_else(bad_header)?;
+    // A wrong key fails here, before anything could be taken for a torn write and cut off.
+    if keys.open(
+        Table::MailboxFile,
+        &entry_slot(generation, FIXED_HEADER as u64),
+        check,
+    )? != CHECK
+    {
+        return Err(bad_header());
+    }
+    let header_len = FIXED_HEADER + 4 + check_len;
+    let mut index = Index {
+        file: Arc::new(LogFile {
+            file: file
+                .try_clone()
+                .map_err(|e| io_err("cannot open", path, e))?,
+            generation,
+        }),
+        len: header_len as u64,
+        snapshot_len: 0,
+        mailboxes: HashMap::new(),
+        failed: None,
+    };
+    let mut pos = header_len;
+    while pos < bytes.len() {
+        match replay_batch(&bytes, pos, generation, keys, dedup_window, &mut index) {
+            Ok(end) => pos = end,
+            Err(e) => {
+                let batch_end = read_u32(&bytes, pos)
+                    .map(|body| pos + 4 + body as usize)
+                    .unwrap_or(usize::MAX);
+                let zeros = bytes[pos..].iter().all(|&b| b == 0);
+                if batch_end < bytes.len() && !zeros {
+                    return Err(StoreError::Corrupt(format!(
+                        "{}: batch at byte {pos} is damaged and more follows: {e}",
+                        path.display()
+                    )));
+                }
+                break;
+            }
+        }
+    }
+    let torn = (bytes.len() - pos) as u64;
+    if torn > 0 {
+        // Replay applied nothing of the torn batch: a batch is applied only once it all opened.
+        file.set_len(pos as u64)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_err("cannot cut the torn end off", path, e))?;
+    }
+    index.len = pos as u64;
+    for mailbox in index.mailboxes.values_mut() {
+        mailbox.durable_seq = mailbox.last_seq;
+    }
+    Ok(Replayed { index, torn })
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Opens every entry of the batch at `pos`, then applies them all; the batch's end.
+fn replay_batch(
+    bytes: &[u8],
+    pos: usize,
+    generation: u64,
+    keys: &DataKeyRing,
+    dedup_window: u64,
+    index: &mut Index,
+) -> Result<usize, StoreError> {
+    let body =
+        read_u32(bytes, pos).ok_or_else(|| StoreError::Corrupt("torn batch header".into()))?;
+    let end = pos + 4 + body as usize;
+    if body == 0 || end > bytes.len() {
+        return Err(StoreError::Corrupt("batch runs past the end".into()));
+    }
+    let mut entries = Vec::new();
+    let mut at = pos + 4;
+    while at < end {
+        let len = read_u32(bytes, at)
+            .ok_or_else(|| StoreError::Corrupt("torn entry header".into()))?
+            as usize;
+        let sealed = bytes
+            .get(at + 4..at + 4 + len)
+            .filter(|_| at + 4 + len <= end)
+            .ok_or_else(|| StoreError::Corrupt("entry runs past its batch".into()))?;
+        let plain = keys.open(
+            Table::MailboxFile,
+            &entry_slot(generation, at as u64),
+            sealed,
+        )?;
+        entries.push((decode_entry(&plain)?, at as u64, len as u32));
+        at += 4 + len;
+    }
+    for (entry, offset, sealed_len) in entries {
+        match entry {
+            Entry::Append {
+                mailbox,
+                seq,
+                message_id,
+                ..
+            } => index.apply_append(
+                &mailbox,
+                Live {
+                    seq,
+                    message_id,
+                    offset,
+                    sealed_len,
+                },
+            ),
+            Entry::Ack { mailbox, up_to_seq } => {
+                index.apply_ack(&mailbox, up_to_seq, dedup_window);
+            }
+            Entry::Mailbox(snapshot) => index.apply_snapshot(snapshot, dedup_window),
+        }
+    }
+    Ok(end)
+}
+
+/// Writes `snapshots` as a new log of `generation` to `dir/mailboxes.log.tmp`, fsyncs it and
+/// renames it over the log (then fsyncs the directory); its length.
+pub(super) fn write_log(
+    dir: &Path,
+    keys: &DataKeyRing,
+    generation: u64,
+    snapshots: impl IntoIterator<Item = Result<MailboxSnapshot, StoreError>>,
+) -> Result<u64, StoreError> {
+    let tmp = dir.join(TMP_FILE);
+    let mut file = File::create(&tmp).map_err(|e| io_err("cannot create", &tmp, e))?;
+    let mut header = Vec::with_capacity(FIXED_HEADER + 64);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&generation.to_le_bytes());
+    let check = keys.seal(
+        Table::MailboxFile,
+        &entry_slot(generation, FIXED_HEADER as u64),
+        CHECK,
+    )?;
+    header.extend_from_slice(&(check.len() as u32).to_le_bytes());
+    header.extend_from_slice(&check);
+    file.write_all(&header)
+        .map_err(|e| io_err("cannot write", &tmp, e))?;
+    let mut len = header.len() as u64;
+    let mut batch = BatchWriter::new(keys, generation, len);
+    for snapshot in snapshots {
+        let snapshot = snapshot?;
+        batch.push(&mailbox_plain(&snapshot)?)?;
+        for m in &snapshot.live {
+            batch.push(&append_plain(
+                &snapshot.mailbox,
+                m.seq,
+                &m.message_id,
+                &m.record,
+            )?)?;
+        }
+        if batch.buf.len() >= MAX_BATCH_BYTES {
+            let bytes = batch.finish()?;
+            file.write_all(&bytes)
+                .map_err(|e| io_err("cannot write", &tmp, e))?;
+            len += bytes.len() as u64;
+            batch = BatchWriter::new(keys, generation, len);
+        }
+    }
+    if !batch.is_empty() {
+        let bytes = batch.finish()?;
+        file.write_all(&bytes)
+            .map_err(|e| io_err("cannot write", &tmp, e))?;
+        len += bytes.len() as u64;
+    }
+    file.sync_all()
+        .map_err(|e| io_err("cannot sync", &tmp, e))?;
+    drop(file);
+    let path = dir.join(LOG_FILE);
+    std::fs::rename(&tmp, &path).map_err(|e| io_err("cannot rename into place", &path, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("cannot sync directory", dir, e))?;
+    Ok(len)
+}
+
+/// What a batch's commit answers.
+type BatchResults = (
+    Vec<Result<u64, StoreError>>,
+    Vec<Result<AppendOutcome, StoreError>>,
+);
+
+impl MailboxLog {
+    /// Opens `dir/mailboxes.log` (which must exist: see [`write_log`]) and replays it.
+    pub(super) fn open(
+        dir: &Path,
+        keys: &DataKeyRing,
+        dedup_window: u64,
+    ) -> Result<Self, StoreError> {
+        let path = dir.join(LOG_FILE);
+        let Replayed { mut index, torn } = replay(&path, keys, dedup_window)?;
+        if torn > 0 {
+            tracing::warn!(
+                bytes = torn,
+                "mailbox log: cut off a torn last batch (writes never acknowledged)"
+            );
+        }
+        index.snapshot_len = index.len;
+        Ok(MailboxLog {
+            dir: dir.to_owned(),
+            dedup_window,
+            index: Mutex::new(index),
+            queue: Mutex::new(WriteQueue::default()),
+        })
+    }
+
+    /// Queues appends (in order, under one lock) for the group committer; `start` is called
+    /// when no committer is running and one must be started.
+    pub(super) fn enqueue_appends(
+        &self,
+        appends: Vec<AppendRequest>,
+        start: impl FnOnce(),
+    ) -> Vec<tokio::sync::oneshot::Receiver<Result<AppendOutcome, StoreError>>> {
+        let mut answers = Vec::with_capacity(appends.len());
+        if appends.is_empty() {
+            return answers;
+        }
+        self.enqueue(
+            |queue| {
+                for request in appends {
+                    let (done, answer) = tokio::sync::oneshot::channel();
+                    queue.appends.push(PendingAppend { request, done });
+                    answers.push(answer);
+                }
+            },
+            start,
+        );
+        answers
+    }
+
+    pub(super) fn enqueue_ack(
+        &self,
+        mailbox: &MailboxId,
+        up_to_seq: u64,
+        start: impl FnOnce(),
+    ) -> tokio::sync::oneshot::Receiver<Result<u64, StoreError>> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.enqueue(
+            |queue| {
+                queue.acks.push(PendingAck {
+                    mailbox: mailbox.clone(),
+                    up_to_seq,
+                    done,
+                })
+            },
+            start,
+        );
+        answer
+    }
+
+    fn enqueue(&self, add: impl FnOnce(&mut WriteQueue), start: impl FnOnce()) {
+        let start_committer = {
+            let mut queue = lock(&self.queue);
+            add(&mut queue);
+            !std::mem::replace(&mut queue.committing, true)
+        };
+        if start_committer {
+            start();
+        }
+    }
+
+    /// The committer: commits queued acks and appends, a batch per write, until the queue is
+    /// empty. Runs on a blocking thread.
+    pub(super) fn commit_queued(&self, keys: &DataKeyRing) {
+        struct Guard<'a>(&'a MailboxLog);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    lock(&self.0.queue).committing = false;
+                }
+            }
+        }
+        let _guard = Guard(self);
+        loop {
+            let (acks, appends) = {
+                let mut queue = lock(&self.queue);
+                if queue.appends.is_empty() && queue.acks.is_empty() {
+                    queue.committing = false;
+                    return;
+                }
+                let n = queue.appends.len().min(MAX_BATCH);
+                (
+                    std::mem::take(&mut queue.acks),
+                    queue.appends.drain(..n).collect::<Vec<_>>(),
+                )
+            };
+            let (ack_results, append_results) = match self.commit_batch(keys, &acks, &appends) {
+                Ok(results) => results,
+                Err(e) => {
+                    let message = e.to_string();
+                    let again = || StoreError::Backend(message.clone());
+                    (
+                        acks.iter().map(|_| Err(again())).collect(),
+                        appends.iter().map(|_| Err(again())).collect(),
+                    )
+                }
+            };
+            for (pending, result) in acks.into_iter().zip(ack_results) {
+                let _ = pending.done.send(result);
+            }
+            for (pending, result) in appends.into_iter().zip(append_results) {
+                let _ = pending.done.send(result);
+            }
+            if let Err(e) = self.compact_if_due(keys) {
+                tracing::error!(error = %e, "mailbox log compaction failed; the log keeps growing");
+            }
+        }
+    }
+
+    /// Applies the acks, then the appends, to the index, writes them as one batch and fsyncs
+    /// it. A full mailbox refuses its own append only; a failed write fails the whole batch.
+    fn commit_batch(
+        &self,
+        keys: &DataKeyRing,
+        acks: &[PendingAck],
+        appends: &[PendingAppend],
+    ) -> Result<BatchResults, StoreError> {
+        let mut index = lock(&self.index);
+        index.check()?;
+        let file = Arc::clone(&index.file);
+        let start = index.len;
+        let mut batch = BatchWriter::new(keys, file.generation, start);
+        let mut ack_results = Vec::with_capacity(acks.len());
+        let mut append_results = Vec::with_capacity(appends.len());
+        let mut written: Vec<(MailboxId, u64)> = Vec::new();
+        let staged = (|| -> Result<(), StoreError> {
+            for a in acks {
+                let removed = index.apply_ack(&a.mailbox, a.up_to_seq, self.dedup_window);
+                if removed > 0 {
+                    batch.push(&ack_plain(&a.mailbox, a.up_to_seq)?)?;
+                }
+                ack_results.push(Ok(removed));
+            }
+            for p in appends {
+                let r = &p.request;
+                let (last_seq, depth, known) = match index.mailboxes.get(&r.mailbox) {
+                    Some(m) => (m.last_seq, m.live.len() as u64, m.ids.get(&r.message_id)),
+                    None => (0, 0, None),
+                };
+                if let Some(&seq) = known {
+                    append_results.push(Ok(AppendOutcome {
+                        seq,
+                        duplicate: true,
+                    }));
+                    continue;
+                }
+                let seq =
+                    match super::next_seq_unless_full(&r.mailbox, last_seq, depth, r.max_depth) {
+                        Ok(seq) => seq,
+                        Err(e) => {
+                            append_results.push(Err(e));
+                            continue;
+                        }
+                    };
+                let (offset, sealed_len) =
+                    batch.push(&append_plain(&r.mailbox, seq, &r.message_id, &r.record)?)?;
+                index.apply_append(
+                    &r.mailbox,
+                    Live {
+                        seq,
+                        message_id: r.message_id,
+                        offset,
+                        sealed_len,
+                    },
+                );
+                written.push((r.mailbox.clone(), seq));
+                append_results.push(Ok(AppendOutcome {
+                    seq,
+                    duplicate: false,
+                }));
+            }
+            Ok(())
+        })();
+        if let Err(e) = staged {
+            self.rebuild(keys, &mut index, start);
+            return Err(e);
+        }
+        if batch.is_empty() {
+            return Ok((ack_results, append_results));
+        }
+        let bytes = batch.finish()?;
+        // The write and fsync run without the index lock, so fetches go on meanwhile (they
+        // show only what is durable).
+        drop(index);
+        let wrote = file
+            .file
+            .write_all_at(&bytes, start)
+            .and_then(|()| file.file.sync_data());
+        let mut index = lock(&self.index);
+        if let Err(e) = wrote {
+            let path = self.dir.join(LOG_FILE);
+            self.rebuild(keys, &mut index, start);
+            return Err(io_err("cannot write", &path, e));
+        }
+        index.len = start + bytes.len() as u64;
+        for (mailbox, seq) in written {
+            if let Some(m) = index.mailboxes.get_mut(&mailbox) {
+                m.durable_seq = m.durable_seq.max(seq);
+            }
+        }
+        Ok((ack_results, append_results))
+    }
+
+    /// After a failed batch: cuts the file back to `good_len` and rebuilds the index from it,
+    /// forgetting what the batch applied; if even that fails, the log refuses every call.
+    fn rebuild(&self, keys: &DataKeyRing, index: &mut Index, good_len: u64) {
+        let path = self.dir.join(LOG_FILE);
+        let result = index
+            .file
+            .file
+            .set_len(good_len)
+            .map_err(|e| io_err("cannot cut back", &path, e))
+            .and_then(|()| replay(&path, keys, self.dedup_window));
+        match result {
+            Ok(Replayed { index: fresh, .. }) => {
+                let snapshot_len = index.snapshot_len;
+                *index = fresh;
+                index.snapshot_len = snapshot_len;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mailbox log: cannot recover from a failed write");
+                index.failed = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Rewrites the log with only what it must keep once it has grown enough.
+    fn compact_if_due(&self, keys: &DataKeyRing) -> Result<(), StoreError> {
+        let mut index = lock(&self.index);
+        if index.failed.is_some()
+            || index.len < COMPACT_MIN_BYTES
+            || index.len < index.snapshot_len.saturating_mul(4)
+        {
+            return Ok(());
+        }
+        self.compact(keys, &mut index)
+    }
+
+    fn compact(&self, keys: &DataKeyRing, index: &mut Index) -> Result<(), StoreError> {
+        let old = Arc::clone(&index.file);
+        let generation = old.generation.wrapping_add(1);
+        let mut snapshots = Vec::with_capacity(index.mailboxes.len());
+        for (mailbox, m) in &index.mailboxes {
+            let mut live = Vec::with_capacity(m.live.len());
+            for l in &m.live {
+                live.push(read_message(keys, &old, mailbox, *l)?);
+            }
+            snapshots.push(MailboxSnapshot {
+                mailbox: mailbox.clone(),
+                last_seq: m.last_seq,
+                acked: m.acked.iter().copied().collect(),
+                live,
+            });
+        }
+        let len = write_log(&self.dir, keys, generation, snapshots.into_iter().map(Ok))?;
+        let path = self.dir.join(LOG_FILE);
+        let Replayed { index: fresh, .. } = replay(&path, keys, self.dedup_window)?;
+        tracing::info!(before = index.len, after = len, "mailbox log compacted");
+        *index = fresh;
+        index.snapshot_len = len;
+        Ok(())
+    }
+
+    /// Up to `limit` durable messages with `seq > after_seq`, in seq order.
+    pub(super) fn fetch(
+        &self,
+        keys: &DataKeyRing,
+        mailbox: &MailboxId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let (file, wanted) = {
+            let index = lock(&self.index);
+            index.check()?;
+            let Some(m) = index.mailboxes.get(mailbox) else {
+                return Ok(Vec::new());
+            };
+            let first = m.live.partition_point(|l| l.seq <= after_seq);
+            let wanted: Vec<Live> = m
+                .live
+                .range(first..)
+                .take_while(|l| l.seq <= m.durable_seq)
+                .take(limit)
+                .copied()
+                .collect();
+            (Arc::clone(&index.file), wanted)
+        };
+        wanted
+            .into_iter()
+            .map(|l| read_message(keys, &file, mailbox, l))
+            .collect()
+    }
+
+    pub(super) fn depth(&self, mailbox: &MailboxId) -> Result<u64, StoreError> {
+        let index = lock(&self.index);
+        index.check()?;
+        Ok(index
+            .mailboxes
+            .get(mailbox)
+            .map_or(0, |m| m.live.len() as u64))
+    }
+
+    pub(super) fn next_seq(&self, mailbox: &MailboxId) -> Result<u64, StoreError> {
+        let index = lock(&self.index);
+        index.check()?;
+        Ok(index
+            .mailboxes
+            .get(mailbox)
+            .map_or(0, |m| m.last_seq)
+            .saturating_add(1))
+    }
+
+    /// Remembered acked ids of a mailbox (tests).
+    #[cfg(test)]
+    pub(super) fn remembered(&self, mailbox: &MailboxId) -> usize {
+        lock(&self.index)
+            .mailboxes
+            .get(mailbox)
+            .map_or(0, |m| m.acked.len())
+    }
+
+    /// Compacts now, whatever the size (tests).
+    #[cfg(test)]
+    pub(super) fn compact_now(&self, keys: &DataKeyRing) -> Result<(), StoreError> {
+        let mut index = lock(&self.index);
+        self.compact(keys, &mut index)
+    }
+}
+
+/// Reads and opens the entry of one unacked message, checking it is the one the index says.
+fn read_message(
+    keys: &DataKeyRing,
+    file: &LogFile,
+    mailbox: &MailboxId,
+    at: Live,
+) -> Result<StoredMessage, StoreError> {
+    let mut sealed = vec![0u8; at.sealed_len as usize];
+    file.file
+        .read_exact_at(&mut sealed, at.offset + 4)
+        .map_err(|e| StoreError::Backend(format!("cannot read the mailbox log: {e}")))?;
+    let plain = keys.open(
+        Table::MailboxFile,
+        &entry_slot(file.generation, at.offset),
+        &sealed,
+    )?;
+    match decode_entry(&plain)? {
+        Entry::Append {
+            mailbox: m,
+            seq,
+            message_id,
+            record,
+        } if &m == mailbox && seq == at.seq => Ok(StoredMessage {
+            seq,
+            message_id,
+            record,
+        }),
+        _ => Err(StoreError::Corrupt(format!(
+            "mailbox log: the entry of {mailbox} seq {} holds something else",
+            at.seq
+        ))),
+    }
+}
