@@ -534,10 +534,22 @@ fn committer_stopped() -> StoreError {
 }
 
 impl EmbeddedStore {
-    /// Starts the mailbox log's group committer on the blocking pool.
+    /// Starts the mailbox log's group committer on the blocking pool; it starts compactions
+    /// on a thread of their own.
     fn start_committer(&self) {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.mailboxes.commit_queued(&inner.keys));
+        tokio::task::spawn_blocking(move || {
+            let compact = |plan| {
+                let inner = Arc::clone(&inner);
+                let spawned = std::thread::Builder::new()
+                    .name("mailbox-compaction".into())
+                    .spawn(move || inner.mailboxes.compact(&inner.keys, plan));
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a mailbox log compaction");
+                }
+            };
+            inner.mailboxes.commit_queued(&inner.keys, &compact)
+        });
     }
 }
 
@@ -567,7 +579,7 @@ fn move_mailboxes_to_the_log(
     }
     let snapshots = legacy_mailboxes(db, keys)?;
     let moved: usize = snapshots.iter().map(|s| s.live.len()).sum();
-    super::mailbox_log::write_log(dir, keys, 1, snapshots.into_iter().map(Ok))?;
+    super::mailbox_log::write_log(dir, keys, 1, snapshots)?;
     let txn = db.begin_write().map_err(db_err)?;
     // A new database has none of these tables: nothing to delete is not an error.
     txn.delete_table(MAILBOX_MESSAGES).map_err(db_err)?;
@@ -1124,6 +1136,90 @@ mod tests {
                 "{mailbox} id {id}"
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn compaction_while_appends_and_acks_go_on_loses_and_revives_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = DataKeyRing::generate(&mut OsRng);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("open");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..4u8 {
+            let (store, stop) = (store.clone(), stop.clone());
+            writers.spawn(async move {
+                let mailbox = MailboxId::new(format!("w{w}"), 1);
+                let mut n = 0u32;
+                // Append until stopped, acking all but the last 10 every 25 appends.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 200 {
+                    n += 1;
+                    let mut id = [w; 16];
+                    id[..4].copy_from_slice(&n.to_be_bytes());
+                    let outcome = store
+                        .append(&mailbox, id, n.to_be_bytes().to_vec(), 100_000)
+                        .await
+                        .expect("append");
+                    assert_eq!((outcome.seq, outcome.duplicate), (u64::from(n), false));
+                    if n % 25 == 0 {
+                        store.ack(&mailbox, u64::from(n) - 10).await.expect("ack");
+                    }
+                }
+                (mailbox, n)
+            });
+        }
+        // Three compactions, each racing the writers.
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || s.inner.mailboxes.compact_now(&s.inner.keys))
+                .await
+                .expect("join")
+                .expect("compact");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut expected = Vec::new();
+        while let Some(done) = writers.join_next().await {
+            let (mailbox, n) = done.expect("writer");
+            let acked = u64::from(n / 25 * 25).saturating_sub(10);
+            expected.push((mailbox, acked, n));
+        }
+        let check = |store: EmbeddedStore, expected: Vec<(MailboxId, u64, u32)>| async move {
+            for (mailbox, acked, n) in expected {
+                let got: Vec<u64> = store
+                    .fetch(&mailbox, 0, 100_000)
+                    .await
+                    .expect("fetch")
+                    .into_iter()
+                    .map(|m| {
+                        assert_eq!(m.record, (m.seq as u32).to_be_bytes().to_vec());
+                        m.seq
+                    })
+                    .collect();
+                assert_eq!(
+                    got,
+                    (acked + 1..=u64::from(n)).collect::<Vec<_>>(),
+                    "{mailbox}"
+                );
+                assert_eq!(
+                    store.next_seq(&mailbox).await.expect("next"),
+                    u64::from(n) + 1
+                );
+                // The first acked id is still remembered (the window is 10 000).
+                let mut id = [mailbox.username.as_bytes()[1] - b'0'; 16];
+                id[..4].copy_from_slice(&1u32.to_be_bytes());
+                let again = store
+                    .append(&mailbox, id, vec![], 100_000)
+                    .await
+                    .expect("resend");
+                assert_eq!((again.seq, again.duplicate), (1, true), "{mailbox}");
+            }
+        };
+        check(store.clone(), expected.clone()).await;
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
+        check(store, expected).await;
     }
 
     /// Writes mailbox rows the way the store did before the mailbox log (redb tables).

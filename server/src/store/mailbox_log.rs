@@ -66,12 +66,17 @@ const MAGIC: &[u8; 8] = b"CHATMBX1";
 const FIXED_HEADER: usize = 16;
 /// The plaintext of the check entry.
 const CHECK: &[u8] = b"chatapp mailbox log";
-/// A log smaller than this is never compacted.
-pub const COMPACT_MIN_BYTES: u64 = 64 * 1024 * 1024;
+/// A log smaller than this is never compacted. Each compaction rewrites every mailbox's
+/// remembered ids (up to 240 KiB per busy mailbox) and loads the disk while it runs, which
+/// shows in the latency of the commits meanwhile; a larger log makes that rarer for the price
+/// of disk space (docs/BENCHMARKS.md, issue #8).
+pub const COMPACT_MIN_BYTES: u64 = 256 * 1024 * 1024;
 /// Appends taken into one batch at most (the rest wait for the next).
 const MAX_BATCH: usize = 4096;
-/// A batch body at most this long; a compaction writes several.
-const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+/// A compaction writes batches of about this size and syncs after each, so the disk never
+/// has much of it queued ahead of the committer's small fsyncs (one 8 MiB fsync held a
+/// concurrent commit up for ~10 ms and more, docs/BENCHMARKS.md).
+const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 const KIND_APPEND: u8 = 1;
 const KIND_ACK: u8 = 2;
@@ -215,6 +220,11 @@ pub(super) struct MailboxLog {
     dedup_window: u64,
     index: Mutex<Index>,
     queue: Mutex<WriteQueue>,
+    /// Held by the committer for a whole batch (stage, write, fsync, account) and by a
+    /// compaction's final step: when the compactor holds it, no batch is in flight.
+    write_gate: Mutex<()>,
+    /// A compaction is running (at most one at a time).
+    compacting: std::sync::atomic::AtomicBool,
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> StoreError {
@@ -514,15 +524,22 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// Opens every entry of the batch at `pos`, then applies them all; the batch's end.
-fn replay_batch(
+/// One entry of a batch: its plaintext, where it is and its sealed length.
+struct RawEntry {
+    plain: Vec<u8>,
+    offset: u64,
+    sealed_len: u32,
+}
+
+/// Opens every entry of the batch at `bytes[pos..]`, which lies at file offset `base + pos`;
+/// the entries and the end of the batch (in `bytes`).
+fn parse_batch(
     bytes: &[u8],
     pos: usize,
+    base: u64,
     generation: u64,
     keys: &DataKeyRing,
-    dedup_window: u64,
-    index: &mut Index,
-) -> Result<usize, StoreError> {
+) -> Result<(Vec<RawEntry>, usize), StoreError> {
     let body =
         read_u32(bytes, pos).ok_or_else(|| StoreError::Corrupt("torn batch header".into()))?;
     let end = pos + 4 + body as usize;
@@ -539,13 +556,44 @@ fn replay_batch(
             .get(at + 4..at + 4 + len)
             .filter(|_| at + 4 + len <= end)
             .ok_or_else(|| StoreError::Corrupt("entry runs past its batch".into()))?;
-        let plain = keys.open(
-            Table::MailboxFile,
-            &entry_slot(generation, at as u64),
-            sealed,
-        )?;
-        entries.push((decode_entry(&plain)?, at as u64, len as u32));
+        let offset = base + at as u64;
+        let plain = keys.open(Table::MailboxFile, &entry_slot(generation, offset), sealed)?;
+        entries.push(RawEntry {
+            plain,
+            offset,
+            sealed_len: len as u32,
+        });
         at += 4 + len;
+    }
+    Ok((entries, end))
+}
+
+/// Opens every entry of the batch at `pos`, then applies them all; the batch's end.
+fn replay_batch(
+    bytes: &[u8],
+    pos: usize,
+    generation: u64,
+    keys: &DataKeyRing,
+    dedup_window: u64,
+    index: &mut Index,
+) -> Result<usize, StoreError> {
+    let (raw, end) = parse_batch(bytes, pos, 0, generation, keys)?;
+    let mut entries = Vec::with_capacity(raw.len());
+    for r in raw {
+        let entry = decode_entry(&r.plain)?;
+        if let Entry::Append { mailbox, seq, .. } = &entry {
+            let last = index
+                .mailboxes
+                .get(mailbox)
+                .and_then(|m| m.live.back())
+                .map_or(0, |l| l.seq);
+            if *seq <= last {
+                return Err(StoreError::Corrupt(format!(
+                    "mailbox log: {mailbox} seq {seq} after seq {last}"
+                )));
+            }
+        }
+        entries.push((entry, r.offset, r.sealed_len));
     }
     for (entry, offset, sealed_len) in entries {
         match entry {
@@ -572,65 +620,148 @@ fn replay_batch(
     Ok(end)
 }
 
+/// Writes a new log file: the header, then entries in batches, each sealed for its offset.
+struct LogWriter<'k> {
+    keys: &'k DataKeyRing,
+    file: File,
+    path: PathBuf,
+    generation: u64,
+    /// Bytes written so far (the offset of the open batch).
+    len: u64,
+    batch: BatchWriter<'k>,
+}
+
+impl<'k> LogWriter<'k> {
+    fn create(path: PathBuf, keys: &'k DataKeyRing, generation: u64) -> Result<Self, StoreError> {
+        // Read too: once installed, fetches read from it.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| io_err("cannot create", &path, e))?;
+        let mut header = Vec::with_capacity(FIXED_HEADER + 64);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&generation.to_le_bytes());
+        let check = keys.seal(
+            Table::MailboxFile,
+            &entry_slot(generation, FIXED_HEADER as u64),
+            CHECK,
+        )?;
+        header.extend_from_slice(&(check.len() as u32).to_le_bytes());
+        header.extend_from_slice(&check);
+        file.write_all(&header)
+            .map_err(|e| io_err("cannot write", &path, e))?;
+        let len = header.len() as u64;
+        Ok(LogWriter {
+            keys,
+            file,
+            path,
+            generation,
+            len,
+            batch: BatchWriter::new(keys, generation, len),
+        })
+    }
+
+    /// Adds an entry; its offset and sealed length in the new file.
+    fn push(&mut self, plain: &[u8]) -> Result<(u64, u32), StoreError> {
+        let at = self.batch.push(plain)?;
+        if self.batch.buf.len() >= MAX_BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(at)
+    }
+
+    /// Writes the open batch and syncs it.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(
+            &mut self.batch,
+            BatchWriter::new(self.keys, self.generation, 0),
+        );
+        let bytes = batch.finish()?;
+        self.file
+            .write_all(&bytes)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| io_err("cannot write", &self.path, e))?;
+        self.len += bytes.len() as u64;
+        self.batch = BatchWriter::new(self.keys, self.generation, self.len);
+        Ok(())
+    }
+
+    /// Writes the open batch and fsyncs the file.
+    fn sync(&mut self) -> Result<(), StoreError> {
+        self.flush()?;
+        self.file
+            .sync_all()
+            .map_err(|e| io_err("cannot sync", &self.path, e))
+    }
+
+    /// Syncs, then renames the file to `dir/mailboxes.log` and syncs the directory.
+    fn install(mut self, dir: &Path) -> Result<LogFile, StoreError> {
+        self.sync()?;
+        let path = dir.join(LOG_FILE);
+        std::fs::rename(&self.path, &path)
+            .map_err(|e| io_err("cannot rename into place", &path, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("cannot sync directory", dir, e))?;
+        Ok(LogFile {
+            file: self.file,
+            generation: self.generation,
+        })
+    }
+}
+
 /// Writes `snapshots` as a new log of `generation` to `dir/mailboxes.log.tmp`, fsyncs it and
-/// renames it over the log (then fsyncs the directory); its length.
+/// renames it over the log (then fsyncs the directory).
 pub(super) fn write_log(
     dir: &Path,
     keys: &DataKeyRing,
     generation: u64,
-    snapshots: impl IntoIterator<Item = Result<MailboxSnapshot, StoreError>>,
-) -> Result<u64, StoreError> {
-    let tmp = dir.join(TMP_FILE);
-    let mut file = File::create(&tmp).map_err(|e| io_err("cannot create", &tmp, e))?;
-    let mut header = Vec::with_capacity(FIXED_HEADER + 64);
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&generation.to_le_bytes());
-    let check = keys.seal(
-        Table::MailboxFile,
-        &entry_slot(generation, FIXED_HEADER as u64),
-        CHECK,
-    )?;
-    header.extend_from_slice(&(check.len() as u32).to_le_bytes());
-    header.extend_from_slice(&check);
-    file.write_all(&header)
-        .map_err(|e| io_err("cannot write", &tmp, e))?;
-    let mut len = header.len() as u64;
-    let mut batch = BatchWriter::new(keys, generation, len);
+    snapshots: impl IntoIterator<Item = MailboxSnapshot>,
+) -> Result<(), StoreError> {
+    let mut out = LogWriter::create(dir.join(TMP_FILE), keys, generation)?;
     for snapshot in snapshots {
-        let snapshot = snapshot?;
-        batch.push(&mailbox_plain(&snapshot)?)?;
+        out.push(&mailbox_plain(&snapshot)?)?;
         for m in &snapshot.live {
-            batch.push(&append_plain(
+            out.push(&append_plain(
                 &snapshot.mailbox,
                 m.seq,
                 &m.message_id,
                 &m.record,
             )?)?;
         }
-        if batch.buf.len() >= MAX_BATCH_BYTES {
-            let bytes = batch.finish()?;
-            file.write_all(&bytes)
-                .map_err(|e| io_err("cannot write", &tmp, e))?;
-            len += bytes.len() as u64;
-            batch = BatchWriter::new(keys, generation, len);
-        }
     }
-    if !batch.is_empty() {
-        let bytes = batch.finish()?;
-        file.write_all(&bytes)
-            .map_err(|e| io_err("cannot write", &tmp, e))?;
-        len += bytes.len() as u64;
-    }
-    file.sync_all()
-        .map_err(|e| io_err("cannot sync", &tmp, e))?;
-    drop(file);
-    let path = dir.join(LOG_FILE);
-    std::fs::rename(&tmp, &path).map_err(|e| io_err("cannot rename into place", &path, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("cannot sync directory", dir, e))?;
-    Ok(len)
+    out.install(dir)?;
+    Ok(())
 }
+
+/// What a compaction starts from: the index as it was at `upto` in the file `old`.
+pub(super) struct CompactionPlan {
+    old: Arc<LogFile>,
+    upto: u64,
+    mailboxes: Vec<PlannedMailbox>,
+}
+
+/// One mailbox as a compaction plan saw it.
+struct PlannedMailbox {
+    mailbox: MailboxId,
+    last_seq: u64,
+    /// Cloned under the index lock (a copy of contiguous memory); turned into a `Vec` by the
+    /// compaction thread.
+    acked: VecDeque<(u64, MessageId)>,
+    live: VecDeque<Live>,
+}
+
+/// A tail of the old file copied into the new one below this many bytes is done by the
+/// compaction's final step (which holds up writes); above it, the compactor catches up again,
+/// at most [`CATCH_UP_ROUNDS`] times. Tests set it to 1 byte to run the catch-up rounds.
+const CATCH_UP_BYTES: u64 = if cfg!(test) { 1 } else { 256 * 1024 };
+const CATCH_UP_ROUNDS: usize = 8;
 
 /// What a batch's commit answers.
 type BatchResults = (
@@ -659,6 +790,8 @@ impl MailboxLog {
             dedup_window,
             index: Mutex::new(index),
             queue: Mutex::new(WriteQueue::default()),
+            write_gate: Mutex::new(()),
+            compacting: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -718,8 +851,13 @@ impl MailboxLog {
     }
 
     /// The committer: commits queued acks and appends, a batch per write, until the queue is
-    /// empty. Runs on a blocking thread.
-    pub(super) fn commit_queued(&self, keys: &DataKeyRing) {
+    /// empty. Runs on a blocking thread. When the log is due for compaction it hands a plan to
+    /// `start_compaction`, which runs [`MailboxLog::compact`] on another thread.
+    pub(super) fn commit_queued(
+        &self,
+        keys: &DataKeyRing,
+        start_compaction: &dyn Fn(CompactionPlan),
+    ) {
         struct Guard<'a>(&'a MailboxLog);
         impl Drop for Guard<'_> {
             fn drop(&mut self) {
@@ -759,8 +897,8 @@ impl MailboxLog {
             for (pending, result) in appends.into_iter().zip(append_results) {
                 let _ = pending.done.send(result);
             }
-            if let Err(e) = self.compact_if_due(keys) {
-                tracing::error!(error = %e, "mailbox log compaction failed; the log keeps growing");
+            if let Some(plan) = self.compaction_due() {
+                start_compaction(plan);
             }
         }
     }
@@ -773,6 +911,7 @@ impl MailboxLog {
         acks: &[PendingAck],
         appends: &[PendingAppend],
     ) -> Result<BatchResults, StoreError> {
+        let _gate = lock(&self.write_gate);
         let mut index = lock(&self.index);
         index.check()?;
         let file = Arc::clone(&index.file);
@@ -882,40 +1021,213 @@ impl MailboxLog {
         }
     }
 
-    /// Rewrites the log with only what it must keep once it has grown enough.
-    fn compact_if_due(&self, keys: &DataKeyRing) -> Result<(), StoreError> {
-        let mut index = lock(&self.index);
+    /// A plan for a compaction when the log has grown enough and none is running.
+    fn compaction_due(&self) -> Option<CompactionPlan> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let _gate = lock(&self.write_gate);
+        let index = lock(&self.index);
         if index.failed.is_some()
             || index.len < COMPACT_MIN_BYTES
             || index.len < index.snapshot_len.saturating_mul(4)
+            || self.compacting.swap(true, SeqCst)
         {
-            return Ok(());
+            return None;
         }
-        self.compact(keys, &mut index)
+        Some(Self::plan(&index))
     }
 
-    fn compact(&self, keys: &DataKeyRing, index: &mut Index) -> Result<(), StoreError> {
-        let old = Arc::clone(&index.file);
-        let generation = old.generation.wrapping_add(1);
-        let mut snapshots = Vec::with_capacity(index.mailboxes.len());
-        for (mailbox, m) in &index.mailboxes {
-            let mut live = Vec::with_capacity(m.live.len());
-            for l in &m.live {
-                live.push(read_message(keys, &old, mailbox, *l)?);
-            }
-            snapshots.push(MailboxSnapshot {
-                mailbox: mailbox.clone(),
-                last_seq: m.last_seq,
-                acked: m.acked.iter().copied().collect(),
-                live,
-            });
+    /// The index as of `index.len`. Call with the write gate held: a batch in flight is in the
+    /// index (applied when staged) but not yet in the file below `index.len`.
+    fn plan(index: &Index) -> CompactionPlan {
+        CompactionPlan {
+            old: Arc::clone(&index.file),
+            upto: index.len,
+            mailboxes: index
+                .mailboxes
+                .iter()
+                .map(|(mailbox, m)| PlannedMailbox {
+                    mailbox: mailbox.clone(),
+                    last_seq: m.last_seq,
+                    acked: m.acked.clone(),
+                    live: m.live.clone(),
+                })
+                .collect(),
         }
-        let len = write_log(&self.dir, keys, generation, snapshots.into_iter().map(Ok))?;
-        let path = self.dir.join(LOG_FILE);
-        let Replayed { index: fresh, .. } = replay(&path, keys, self.dedup_window)?;
-        tracing::info!(before = index.len, after = len, "mailbox log compacted");
-        *index = fresh;
-        index.snapshot_len = len;
+    }
+
+    /// Rewrites the log with only what it must keep, while the committer goes on writing to
+    /// the old file: the plan's state is written to `mailboxes.log.tmp` first, then what was
+    /// written to the old file since is copied after it (entries opened and sealed again for
+    /// their new offsets) until little is left; the last part is copied with the write gate
+    /// held, and the new file is renamed over the old one and the index switched to it.
+    pub(super) fn compact(&self, keys: &DataKeyRing, plan: CompactionPlan) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let tmp = self.dir.join(TMP_FILE);
+        match self.compact_inner(keys, plan) {
+            Ok((before, after, old)) => {
+                tracing::info!(before, after, "mailbox log compacted");
+                release_gently(old);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::error!(error = %e, "mailbox log compaction failed; the log keeps growing");
+            }
+        }
+        self.compacting.store(false, SeqCst);
+    }
+
+    /// Compacts now, on this thread (tests).
+    #[cfg(test)]
+    pub(super) fn compact_now(&self, keys: &DataKeyRing) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let plan = {
+            let _gate = lock(&self.write_gate);
+            Self::plan(&lock(&self.index))
+        };
+        self.compacting.store(true, SeqCst);
+        let result = self.compact_inner(keys, plan);
+        self.compacting.store(false, SeqCst);
+        result.map(|(_, _, old)| release_gently(old))
+    }
+
+    /// The file sizes before and after, and the replaced file.
+    fn compact_inner(
+        &self,
+        keys: &DataKeyRing,
+        plan: CompactionPlan,
+    ) -> Result<(u64, u64, Arc<LogFile>), StoreError> {
+        let old = plan.old;
+        let mut out = LogWriter::create(
+            self.dir.join(TMP_FILE),
+            keys,
+            old.generation.wrapping_add(1),
+        )?;
+        // Old offset of every unacked message's entry -> where it is in the new file.
+        let mut moved: HashMap<u64, (u64, u32)> = HashMap::new();
+        for PlannedMailbox {
+            mailbox,
+            last_seq,
+            acked,
+            live,
+        } in plan.mailboxes
+        {
+            let snapshot = MailboxSnapshot {
+                mailbox,
+                last_seq,
+                acked: acked.into(),
+                live: Vec::new(),
+            };
+            out.push(&mailbox_plain(&snapshot)?)?;
+            for l in live {
+                let m = read_message(keys, &old, &snapshot.mailbox, l)?;
+                let at = out.push(&append_plain(
+                    &snapshot.mailbox,
+                    m.seq,
+                    &m.message_id,
+                    &m.record,
+                )?)?;
+                moved.insert(l.offset, at);
+            }
+        }
+        out.sync()?;
+        let snapshot_len = out.len;
+        // Catch up with what the committer wrote meanwhile, without holding it up.
+        let mut copied = plan.upto;
+        for _ in 0..CATCH_UP_ROUNDS {
+            let upto = {
+                let index = lock(&self.index);
+                if !Arc::ptr_eq(&index.file, &old) {
+                    return Err(StoreError::Backend("the log was rebuilt meanwhile".into()));
+                }
+                index.len
+            };
+            if upto.saturating_sub(copied) <= CATCH_UP_BYTES {
+                break;
+            }
+            self.copy_tail(keys, &old, copied, upto, &mut out, &mut moved)?;
+            out.sync()?;
+            copied = upto;
+        }
+        // The rest with writes held: no batch is in flight, so `index.len` is the file's end.
+        let _gate = lock(&self.write_gate);
+        let upto = lock(&self.index).len;
+        self.copy_tail(keys, &old, copied, upto, &mut out, &mut moved)?;
+        let mut index = lock(&self.index);
+        if !Arc::ptr_eq(&index.file, &old) {
+            return Err(StoreError::Backend("the log was rebuilt meanwhile".into()));
+        }
+        // Every unacked message must have been moved; check before the rename.
+        let mut relocated: Vec<(MailboxId, Vec<Live>)> = Vec::with_capacity(index.mailboxes.len());
+        for (mailbox, m) in &index.mailboxes {
+            let mut lives = Vec::with_capacity(m.live.len());
+            for l in &m.live {
+                let &(offset, sealed_len) = moved.get(&l.offset).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "compaction: message {} of {mailbox} was not copied",
+                        l.seq
+                    ))
+                })?;
+                lives.push(Live {
+                    offset,
+                    sealed_len,
+                    ..*l
+                });
+            }
+            relocated.push((mailbox.clone(), lives));
+        }
+        out.flush()?;
+        let len = out.len;
+        let new = match out.install(&self.dir) {
+            Ok(new) => new,
+            Err(e) => {
+                // The rename may or may not have happened: refuse further writes rather than
+                // risk acknowledging them into a file the next start will not read.
+                index.failed = Some(format!("compaction could not install the new log: {e}"));
+                return Err(e);
+            }
+        };
+        for (mailbox, lives) in relocated {
+            if let Some(m) = index.mailboxes.get_mut(&mailbox) {
+                m.live = lives.into();
+            }
+        }
+        let before = index.len;
+        index.file = Arc::new(new);
+        index.len = len;
+        index.snapshot_len = snapshot_len;
+        drop(index);
+        Ok((before, len, old))
+    }
+
+    /// Copies the entries of the old file in `from..upto` (whole batches) to `out`, sealed
+    /// again for their new offsets; records where each append went.
+    fn copy_tail(
+        &self,
+        keys: &DataKeyRing,
+        old: &LogFile,
+        from: u64,
+        upto: u64,
+        out: &mut LogWriter<'_>,
+        moved: &mut HashMap<u64, (u64, u32)>,
+    ) -> Result<(), StoreError> {
+        if upto <= from {
+            return Ok(());
+        }
+        let mut bytes = vec![0u8; (upto - from) as usize];
+        old.file
+            .read_exact_at(&mut bytes, from)
+            .map_err(|e| StoreError::Backend(format!("cannot read the mailbox log: {e}")))?;
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let (entries, end) = parse_batch(&bytes, pos, from, old.generation, keys)?;
+            for entry in entries {
+                let at = out.push(&entry.plain)?;
+                if entry.plain.first() == Some(&KIND_APPEND) {
+                    moved.insert(entry.offset, at);
+                }
+            }
+            pos = end;
+        }
         Ok(())
     }
 
@@ -976,12 +1288,33 @@ impl MailboxLog {
             .get(mailbox)
             .map_or(0, |m| m.acked.len())
     }
+}
 
-    /// Compacts now, whatever the size (tests).
-    #[cfg(test)]
-    pub(super) fn compact_now(&self, keys: &DataKeyRing) -> Result<(), StoreError> {
-        let mut index = lock(&self.index);
-        self.compact(keys, &mut index)
+/// Lets go of a log file a compaction replaced (already unlinked by the rename), cutting it
+/// down a slice at a time first: freeing a 256 MiB file in one go held the file system's
+/// journal long enough to stall the committer's fsyncs by tens of milliseconds.
+fn release_gently(old: Arc<LogFile>) {
+    const SLICE: u64 = 8 * 1024 * 1024;
+    // A fetch that began before the switch may still be reading it.
+    let mut old = old;
+    for _ in 0..1000 {
+        match Arc::try_unwrap(old) {
+            Ok(file) => {
+                let mut len = file.file.metadata().map_or(0, |m| m.len());
+                while len > SLICE {
+                    len -= SLICE;
+                    if file.file.set_len(len).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                return;
+            }
+            Err(still_shared) => {
+                old = still_shared;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
     }
 }
 
