@@ -84,7 +84,7 @@ impl ConfigFile {
 /// Where the server keeps its data (`--store`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum StoreLocation {
-    /// The embedded redb store in the data directory: one instance.
+    /// The embedded store in the data directory (redb and the mailbox log): one instance.
     #[default]
     Embedded,
     /// NATS JetStream at this URL (`nats://host:port`), shared by many instances.

@@ -60,7 +60,8 @@ impl RunningServer {
     }
 }
 
-/// Opens the store named by the config: the embedded one in `DATA_DIR/chat.redb`, or the NATS
+/// Opens the store named by the config: the embedded one in `DATA_DIR` (`chat.redb` and
+/// `mailboxes.log`), or the NATS
 /// JetStream store at the configured URL.
 pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>> {
     let keys_path = config.keys_dir.join(DATA_KEY_FILE);

@@ -1,15 +1,18 @@
-//! The embedded store: one redb file, `DIR/chat.redb`, for a single server instance.
+//! The embedded store, for a single server instance: accounts, prekeys and the key directory in
+//! one redb file, `DIR/chat.redb`; mailboxes in an append-only log beside it,
+//! `DIR/mailboxes.log` (see [`super::mailbox_log`]).
 //!
-//! Every operation is one redb transaction run on tokio's blocking pool; every write commits
-//! with redb's default durability (fsync on commit) before the call returns, so what a call
-//! returned survives `kill -9`. redb runs one write transaction at a time, which is what makes
-//! account creation, prekey hand-out and sequence assignment atomic. Every value is sealed with
-//! the data-at-rest key (see [`super::seal`]); row keys stay in the clear (see [`super`]).
+//! Every redb write is one transaction run on tokio's blocking pool and committed with redb's
+//! default durability (fsync on commit) before the call returns, so what a call returned
+//! survives `kill -9`. redb runs one write transaction at a time, which is what makes account
+//! creation and prekey hand-out atomic. Every value is sealed with the data-at-rest key (see
+//! [`super::seal`]); row keys stay in the clear (see [`super`]).
 //!
-//! Appends and acks are group-committed: concurrent [`Store::append`] and [`Store::ack`] calls
-//! queue up while a commit is running and the next write transaction takes them all, one fsync
-//! for the batch; each caller is answered only after that commit, so an acknowledged envelope
-//! (and a deletion answered as done) is still a durable one.
+//! Appends and acks are group-committed by the mailbox log: concurrent [`Store::append`] and
+//! [`Store::ack`] calls queue up while a batch is written and the next batch takes them all, one
+//! `pwrite` and one fsync; each caller is answered only after that fsync, so an acknowledged
+//! envelope (and a deletion answered as done) is still a durable one. A database written before
+//! the log keeps its mailboxes in redb tables; they move into the log once, on open.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -994,18 +997,22 @@ mod tests {
             .expect("open");
         let mailbox = MailboxId::new("tess", 1);
         append_n(&store, &mailbox, 1..4).await;
+        let good_len = store.inner.mailboxes.end();
         drop(store);
-        let good_len = std::fs::metadata(log_path(&dir)).expect("log").len();
+        assert!(
+            std::fs::metadata(log_path(&dir)).expect("log").len() > good_len,
+            "zeros are written ahead"
+        );
 
         // A crash in the middle of the next batch's write: its header promises 500 bytes and
-        // fewer made it to the disk.
+        // fewer made it to the disk, over the zeros written ahead.
         let mut torn = 500u32.to_le_bytes().to_vec();
         torn.extend_from_slice(&[7u8; 120]);
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
+        let file = std::fs::OpenOptions::new()
+            .write(true)
             .open(log_path(&dir))
             .expect("open log");
-        std::io::Write::write_all(&mut file, &torn).expect("write");
+        std::os::unix::fs::FileExt::write_all_at(&file, &torn, good_len).expect("write");
         drop(file);
 
         let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))

@@ -30,10 +30,11 @@
 //!
 //! # Durability and recovery
 //! A batch is written and fsynced before any caller of it is answered, and the next batch is
-//! written only after that, so only the last batch of the file can be torn by a crash. On open,
-//! a last batch that is incomplete, zero-filled or does not authenticate is cut off (it held
-//! only unanswered writes); a bad batch followed by more data is corruption and the store
-//! refuses to open. If a write or fsync fails, the file is cut back to the last good batch
+//! written only after that, so only the last batch of the file can be torn by a crash. The file
+//! is grown [`PREALLOCATE`] bytes of zeros ahead of the batches. On open, a last batch that is
+//! incomplete, zero-filled or does not authenticate is cut off with the zeros after it (it held
+//! only unanswered writes); a bad batch followed by anything but zeros is corruption and the
+//! store refuses to open. If a write or fsync fails, the file is cut back to the last good batch
 //! and the index is rebuilt from it, so the callers of the failed batch get an error and
 //! nothing they were not told about is kept.
 //!
@@ -66,6 +67,13 @@ const MAGIC: &[u8; 8] = b"CHATMBX1";
 const FIXED_HEADER: usize = 16;
 /// The plaintext of the check entry.
 const CHECK: &[u8] = b"chatapp mailbox log";
+/// The log file grows by writing this many zeros ahead of the batches at a time, so most
+/// commits overwrite blocks the file already has and their `fdatasync` flushes data only; a
+/// write that grows the file also commits the file system's journal (one more thread to wake,
+/// and a slower fsync). Measured at 25 000 msgs/s: p99 6.4-7.2 ms growing with every batch,
+/// 4.3-5.2 ms with 256 KiB ahead, 22-28 ms with 4 MiB ahead (the batch that writes the zeros
+/// waits for them).
+const PREALLOCATE: u64 = 256 * 1024;
 /// A log smaller than this is never compacted. Each compaction rewrites every mailbox's
 /// remembered ids (up to 240 KiB per busy mailbox) and loads the disk while it runs, which
 /// shows in the latency of the commits meanwhile; a larger log makes that rarer for the price
@@ -150,6 +158,8 @@ struct Index {
     file: Arc<LogFile>,
     /// End of the last good batch: where the next one is written.
     len: u64,
+    /// The file's size: zeros written ahead of `len` (see [`PREALLOCATE`]).
+    allocated: u64,
     /// What the last compaction (or the migration) wrote.
     snapshot_len: u64,
     mailboxes: HashMap<MailboxId, Mailbox>,
@@ -482,6 +492,7 @@ fn replay(path: &Path, keys: &DataKeyRing, dedup_window: u64) -> Result<Replayed
             generation,
         }),
         len: header_len as u64,
+        allocated: 0,
         snapshot_len: 0,
         mailboxes: HashMap::new(),
         failed: None,
@@ -491,11 +502,14 @@ fn replay(path: &Path, keys: &DataKeyRing, dedup_window: u64) -> Result<Replayed
         match replay_batch(&bytes, pos, generation, keys, dedup_window, &mut index) {
             Ok(end) => pos = end,
             Err(e) => {
-                let batch_end = read_u32(&bytes, pos)
+                // The last batch written may be torn; zeros written ahead may follow it.
+                let after = read_u32(&bytes, pos)
                     .map(|body| pos + 4 + body as usize)
                     .unwrap_or(usize::MAX);
-                let zeros = bytes[pos..].iter().all(|&b| b == 0);
-                if batch_end < bytes.len() && !zeros {
+                let more = bytes
+                    .get(after.max(pos + 4)..)
+                    .is_some_and(|rest| rest.iter().any(|&b| b != 0));
+                if more {
                     return Err(StoreError::Corrupt(format!(
                         "{}: batch at byte {pos} is damaged and more follows: {e}",
                         path.display()
@@ -505,14 +519,20 @@ fn replay(path: &Path, keys: &DataKeyRing, dedup_window: u64) -> Result<Replayed
             }
         }
     }
-    let torn = (bytes.len() - pos) as u64;
-    if torn > 0 {
+    // Zeros written ahead are not a torn batch.
+    let torn = if bytes[pos..].iter().all(|&b| b == 0) {
+        0
+    } else {
+        (bytes.len() - pos) as u64
+    };
+    if bytes.len() > pos {
         // Replay applied nothing of the torn batch: a batch is applied only once it all opened.
         file.set_len(pos as u64)
             .and_then(|()| file.sync_all())
             .map_err(|e| io_err("cannot cut the torn end off", path, e))?;
     }
     index.len = pos as u64;
+    index.allocated = pos as u64;
     for mailbox in index.mailboxes.values_mut() {
         mailbox.durable_seq = mailbox.last_seq;
     }
@@ -916,6 +936,7 @@ impl MailboxLog {
         index.check()?;
         let file = Arc::clone(&index.file);
         let start = index.len;
+        let allocated = index.allocated;
         let mut batch = BatchWriter::new(keys, file.generation, start);
         let mut ack_results = Vec::with_capacity(acks.len());
         let mut append_results = Vec::with_capacity(appends.len());
@@ -979,9 +1000,14 @@ impl MailboxLog {
         // The write and fsync run without the index lock, so fetches go on meanwhile (they
         // show only what is durable).
         drop(index);
-        let wrote = file
-            .file
-            .write_all_at(&bytes, start)
+        let end = start + bytes.len() as u64;
+        let grown =
+            (end > allocated).then(|| end.div_ceil(PREALLOCATE) * PREALLOCATE + PREALLOCATE);
+        let wrote = grown
+            .map_or(Ok(()), |to| {
+                file.file.write_all_at(&vec![0u8; (to - end) as usize], end)
+            })
+            .and_then(|()| file.file.write_all_at(&bytes, start))
             .and_then(|()| file.file.sync_data());
         let mut index = lock(&self.index);
         if let Err(e) = wrote {
@@ -989,7 +1015,10 @@ impl MailboxLog {
             self.rebuild(keys, &mut index, start);
             return Err(io_err("cannot write", &path, e));
         }
-        index.len = start + bytes.len() as u64;
+        index.len = end;
+        if let Some(to) = grown {
+            index.allocated = to;
+        }
         for (mailbox, seq) in written {
             if let Some(m) = index.mailboxes.get_mut(&mailbox) {
                 m.durable_seq = m.durable_seq.max(seq);
@@ -1194,6 +1223,7 @@ impl MailboxLog {
         let before = index.len;
         index.file = Arc::new(new);
         index.len = len;
+        index.allocated = len;
         index.snapshot_len = snapshot_len;
         drop(index);
         Ok((before, len, old))
@@ -1278,6 +1308,12 @@ impl MailboxLog {
             .get(mailbox)
             .map_or(0, |m| m.last_seq)
             .saturating_add(1))
+    }
+
+    /// Where the next batch goes (tests).
+    #[cfg(test)]
+    pub(super) fn end(&self) -> u64 {
+        lock(&self.index).len
     }
 
     /// Remembered acked ids of a mailbox (tests).
