@@ -748,7 +748,14 @@ impl Node {
         envelope: Vec<u8>,
     ) -> Vec<ServerFrame> {
         let (mailbox, record) = match self
-            .prepare_send(session, message_id, &to_user, to_device, envelope)
+            .prepare_send(
+                session,
+                message_id,
+                &to_user,
+                to_device,
+                envelope,
+                &mut Vec::new(),
+            )
             .await
         {
             Ok(prepared) => prepared,
@@ -780,6 +787,8 @@ impl Node {
     async fn send_many(&self, session: &Session, sends: Vec<PendingSend>) -> Vec<ServerFrame> {
         let mut answers: Vec<Option<ServerFrame>> = Vec::with_capacity(sends.len());
         let mut appends = Vec::new();
+        // Recipients looked up for this batch: a pipelining sender mostly writes to one peer.
+        let mut known = Vec::new();
         for send in sends {
             match self
                 .prepare_send(
@@ -788,6 +797,7 @@ impl Node {
                     &send.to_user,
                     send.to_device,
                     send.envelope,
+                    &mut known,
                 )
                 .await
             {
@@ -840,6 +850,7 @@ impl Node {
     }
 
     /// Checks a send and builds the record to store, or the error frame that answers it.
+    /// `known` holds the recipient accounts already read for the sends handled with this one.
     async fn prepare_send(
         &self,
         session: &Session,
@@ -847,6 +858,7 @@ impl Node {
         to_user: &str,
         to_device: u32,
         envelope: Vec<u8>,
+        known: &mut Vec<(String, Option<AccountRecord>)>,
     ) -> Result<(MailboxId, MailboxRecord), ServerFrame> {
         let scope = ErrorScope::Message(message_id);
         let Some((from_user, from_device)) = session.authenticated() else {
@@ -863,7 +875,17 @@ impl Node {
                 ),
             ));
         }
-        match self.account(to_user).await {
+        let account = match known.iter().find(|(name, _)| name == to_user) {
+            Some((_, account)) => Ok(account.as_ref()),
+            None => match self.account(to_user).await {
+                Ok(account) => {
+                    known.push((to_user.to_owned(), account));
+                    Ok(known.last().and_then(|(_, a)| a.as_ref()))
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match account {
             Ok(Some(r)) if r.device(to_device).is_some() => {}
             Ok(Some(_)) => {
                 return Err(err(

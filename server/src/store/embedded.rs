@@ -1,6 +1,6 @@
 //! The embedded store, for a single server instance: accounts, prekeys and the key directory in
 //! one redb file, `DIR/chat.redb`; mailboxes in an append-only log beside it,
-//! `DIR/mailboxes.log` (see [`super::mailbox_log`]).
+//! `DIR/mailboxes.log` (see the `mailbox_log` module).
 //!
 //! Every redb write is one transaction run on tokio's blocking pool and committed with redb's
 //! default durability (fsync on commit) before the call returns, so what a call returned
@@ -60,7 +60,7 @@ struct Inner {
     db: Database,
     keys: DataKeyRing,
     path: PathBuf,
-    /// The mailboxes: an append-only log beside the database (see [`super::mailbox_log`]).
+    /// The mailboxes: an append-only log beside the database (see the `mailbox_log` module).
     mailboxes: MailboxLog,
 }
 
@@ -1073,6 +1073,29 @@ mod tests {
             bytes,
             "a refused open changes nothing"
         );
+    }
+
+    #[tokio::test]
+    async fn fresh_records_are_delivered_from_memory_and_read_the_same_from_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = DataKeyRing::generate(&mut OsRng);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("open");
+        let mailbox = MailboxId::new("rita", 1);
+        append_n(&store, &mailbox, 1..6).await;
+        assert_eq!(store.inner.mailboxes.recent_count(), 5);
+        let from_memory = ids_in(&store, &mailbox).await;
+        store.ack(&mailbox, 2).await.expect("ack");
+        assert_eq!(
+            store.inner.mailboxes.recent_count(),
+            3,
+            "acked records are let go"
+        );
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
+        assert_eq!(store.inner.mailboxes.recent_count(), 0);
+        assert_eq!(ids_in(&store, &mailbox).await, from_memory[2..].to_vec());
     }
 
     #[tokio::test]

@@ -40,14 +40,19 @@
 //!
 //! # Compaction
 //! When the file has grown past [`COMPACT_MIN_BYTES`] and four times what the last compaction
-//! wrote, the committer writes every mailbox's counters, remembered ids and unacked messages to
-//! `mailboxes.log.tmp` under a new generation, fsyncs it and renames it over the log.
+//! wrote, the committer hands a plan (the index between two batches) to a compaction thread,
+//! which writes every mailbox's counters, remembered ids and unacked messages to
+//! `mailboxes.log.tmp` under a new generation while the committer goes on writing to the old
+//! file; then copies what was written meanwhile, and the last of it with the write gate held;
+//! then renames the new file over the log and switches the index to it (see
+//! [`MailboxLog::compact`]).
 //!
 //! # Reads
 //! The index holds, per mailbox, the counters, the remembered ids (unacked and the last
-//! `dedup_window` acked) and where each unacked message's entry is. [`MailboxLog::fetch`] reads
-//! the entries back with `pread` (the page cache serves recent ones) and opens them; it shows
-//! only messages whose batch is on disk.
+//! `dedup_window` acked) and where each unacked message's entry is, and the records of recently
+//! appended unacked messages up to [`RECENT_BYTES`]. [`MailboxLog::fetch`] takes those from
+//! memory and reads the others back with `pread` and opens them; it shows only messages whose
+//! batch is on disk.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -74,6 +79,9 @@ const CHECK: &[u8] = b"chatapp mailbox log";
 /// 4.3-5.2 ms with 256 KiB ahead, 22-28 ms with 4 MiB ahead (the batch that writes the zeros
 /// waits for them).
 const PREALLOCATE: u64 = 256 * 1024;
+/// Records of unacked messages kept in memory for their delivery, at most (see
+/// `Index::recent`); messages beyond it are read back from the file.
+const RECENT_BYTES: usize = 32 * 1024 * 1024;
 /// A log smaller than this is never compacted. Each compaction rewrites every mailbox's
 /// remembered ids (up to 240 KiB per busy mailbox) and loads the disk while it runs, which
 /// shows in the latency of the commits meanwhile; a larger log makes that rarer for the price
@@ -124,12 +132,14 @@ struct Mailbox {
 }
 
 impl Mailbox {
-    /// Drops the messages up to `up_to_seq`, remembering their ids; how many there were.
-    fn ack(&mut self, up_to_seq: u64, dedup_window: u64) -> u64 {
+    /// Drops the messages up to `up_to_seq`, remembering their ids and telling `dropped`
+    /// where each was; how many there were.
+    fn ack(&mut self, up_to_seq: u64, dedup_window: u64, mut dropped: impl FnMut(&Live)) -> u64 {
         let mut removed = 0;
         while self.live.front().is_some_and(|l| l.seq <= up_to_seq) {
             if let Some(l) = self.live.pop_front() {
                 self.acked.push_back((l.seq, l.message_id));
+                dropped(&l);
                 removed += 1;
             }
         }
@@ -163,6 +173,11 @@ struct Index {
     /// What the last compaction (or the migration) wrote.
     snapshot_len: u64,
     mailboxes: HashMap<MailboxId, Mailbox>,
+    /// Records of recently appended, unacked messages by entry offset, so the delivery that
+    /// usually follows an append at once reads neither the file nor opens the entry.
+    recent: HashMap<u64, Arc<[u8]>>,
+    /// Bytes in `recent`, at most [`RECENT_BYTES`].
+    recent_bytes: usize,
     /// Set when the file could not be brought back to a known state: every call fails.
     failed: Option<String>,
 }
@@ -186,9 +201,28 @@ impl Index {
     }
 
     fn apply_ack(&mut self, mailbox: &MailboxId, up_to_seq: u64, dedup_window: u64) -> u64 {
-        self.mailboxes
-            .get_mut(mailbox)
-            .map_or(0, |entry| entry.ack(up_to_seq, dedup_window))
+        let Some(entry) = self.mailboxes.get_mut(mailbox) else {
+            return 0;
+        };
+        let (recent, recent_bytes) = (&mut self.recent, &mut self.recent_bytes);
+        entry.ack(up_to_seq, dedup_window, |l| {
+            if let Some(record) = recent.remove(&l.offset) {
+                *recent_bytes -= record.len();
+            }
+        })
+    }
+
+    /// Keeps the record of a message just appended at `offset`, if the budget allows.
+    fn remember_recent(&mut self, offset: u64, record: &[u8]) {
+        if self.recent_bytes + record.len() <= RECENT_BYTES {
+            self.recent_bytes += record.len();
+            self.recent.insert(offset, Arc::from(record));
+        }
+    }
+
+    fn forget_recent(&mut self) {
+        self.recent.clear();
+        self.recent_bytes = 0;
     }
 
     fn apply_snapshot(&mut self, snapshot: MailboxSnapshot, dedup_window: u64) {
@@ -203,13 +237,13 @@ impl Index {
     }
 }
 
-/// One [`MailboxLog::append_many`] call's append, waiting for its commit.
+/// One append of [`MailboxLog::enqueue_appends`], waiting for its commit.
 struct PendingAppend {
     request: AppendRequest,
     done: tokio::sync::oneshot::Sender<Result<AppendOutcome, StoreError>>,
 }
 
-/// One [`MailboxLog::ack`] call waiting for its commit.
+/// One [`MailboxLog::enqueue_ack`] call waiting for its commit.
 struct PendingAck {
     mailbox: MailboxId,
     up_to_seq: u64,
@@ -495,6 +529,8 @@ fn replay(path: &Path, keys: &DataKeyRing, dedup_window: u64) -> Result<Replayed
         allocated: 0,
         snapshot_len: 0,
         mailboxes: HashMap::new(),
+        recent: HashMap::new(),
+        recent_bytes: 0,
         failed: None,
     };
     let mut pos = header_len;
@@ -972,6 +1008,7 @@ impl MailboxLog {
                     };
                 let (offset, sealed_len) =
                     batch.push(&append_plain(&r.mailbox, seq, &r.message_id, &r.record)?)?;
+                index.remember_recent(offset, &r.record);
                 index.apply_append(
                     &r.mailbox,
                     Live {
@@ -1224,6 +1261,8 @@ impl MailboxLog {
         index.file = Arc::new(new);
         index.len = len;
         index.allocated = len;
+        // Offsets changed; the cache refills with the next appends.
+        index.forget_recent();
         index.snapshot_len = snapshot_len;
         drop(index);
         Ok((before, len, old))
@@ -1276,19 +1315,32 @@ impl MailboxLog {
                 return Ok(Vec::new());
             };
             let first = m.live.partition_point(|l| l.seq <= after_seq);
-            let wanted: Vec<Live> = m
+            let wanted: Vec<(Live, Option<Arc<[u8]>>)> = m
                 .live
                 .range(first..)
                 .take_while(|l| l.seq <= m.durable_seq)
                 .take(limit)
-                .copied()
+                .map(|l| (*l, index.recent.get(&l.offset).cloned()))
                 .collect();
             (Arc::clone(&index.file), wanted)
         };
         wanted
             .into_iter()
-            .map(|l| read_message(keys, &file, mailbox, l))
+            .map(|(l, recent)| match recent {
+                Some(record) => Ok(StoredMessage {
+                    seq: l.seq,
+                    message_id: l.message_id,
+                    record: record.to_vec(),
+                }),
+                None => read_message(keys, &file, mailbox, l),
+            })
             .collect()
+    }
+
+    /// Records kept in memory for delivery (tests).
+    #[cfg(test)]
+    pub(super) fn recent_count(&self) -> usize {
+        lock(&self.index).recent.len()
     }
 
     pub(super) fn depth(&self, mailbox: &MailboxId) -> Result<u64, StoreError> {
