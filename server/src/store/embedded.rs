@@ -609,81 +609,68 @@ fn move_mailboxes_to_the_log(
 fn legacy_mailboxes(db: &Database, keys: &DataKeyRing) -> Result<Vec<MailboxSnapshot>, StoreError> {
     let txn = db.begin_read().map_err(db_err)?;
     let mut by_mailbox: HashMap<MailboxId, MailboxSnapshot> = HashMap::new();
-    let snapshot = |map: &mut HashMap<MailboxId, MailboxSnapshot>, user: &str, device: u32| {
-        let mailbox = MailboxId::new(user, device);
-        // `entry` would clone the key on every row.
-        if !map.contains_key(&mailbox) {
-            map.insert(
-                mailbox.clone(),
-                MailboxSnapshot {
-                    mailbox: mailbox.clone(),
-                    last_seq: 0,
-                    acked: Vec::new(),
-                    live: Vec::new(),
-                },
-            );
-        }
-        mailbox
-    };
+    fn snapshot(
+        map: &mut HashMap<MailboxId, MailboxSnapshot>,
+        mailbox: MailboxId,
+    ) -> &mut MailboxSnapshot {
+        map.entry(mailbox.clone())
+            .or_insert_with(|| MailboxSnapshot {
+                mailbox,
+                last_seq: 0,
+                acked: Vec::new(),
+                live: Vec::new(),
+            })
+    }
     match txn.open_table(MAILBOX_STATE) {
         Ok(states) => {
             for entry in states.iter().map_err(db_err)? {
                 let (row, sealed) = entry.map_err(db_err)?;
                 let (user, device) = row.value();
-                let mailbox = snapshot(&mut by_mailbox, user, device);
+                let mailbox = MailboxId::new(user, device);
                 let plain =
                     keys.open(Table::MailboxState, &mailbox_slot(&mailbox), sealed.value())?;
-                let state = MailboxState::decode(&plain)?;
-                if let Some(s) = by_mailbox.get_mut(&mailbox) {
-                    s.last_seq = state.last_seq;
-                }
+                snapshot(&mut by_mailbox, mailbox).last_seq =
+                    MailboxState::decode(&plain)?.last_seq;
             }
         }
         Err(redb::TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(db_err(e)),
     }
-    match txn.open_table(MAILBOX_MESSAGES) {
-        Ok(messages) => {
-            for entry in messages.iter().map_err(db_err)? {
-                let (row, sealed) = entry.map_err(db_err)?;
-                let (user, device, seq) = row.value();
-                let mailbox = snapshot(&mut by_mailbox, user, device);
-                let plain = keys.open(
-                    Table::MailboxMessages,
-                    &seq_slot(&mailbox, seq),
-                    sealed.value(),
-                )?;
-                let message = decode_message(seq, plain)?;
-                if let Some(s) = by_mailbox.get_mut(&mailbox) {
-                    s.last_seq = s.last_seq.max(seq);
-                    s.live.push(message);
-                }
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(db_err(e)),
+    for (mailbox, seq, plain) in legacy_rows(&txn, MAILBOX_MESSAGES, Table::MailboxMessages, keys)?
+    {
+        let s = snapshot(&mut by_mailbox, mailbox);
+        s.last_seq = s.last_seq.max(seq);
+        s.live.push(decode_message(seq, plain)?);
     }
-    match txn.open_table(MAILBOX_ACKED) {
-        Ok(acked) => {
-            for entry in acked.iter().map_err(db_err)? {
-                let (row, sealed) = entry.map_err(db_err)?;
-                let (user, device, seq) = row.value();
-                let mailbox = snapshot(&mut by_mailbox, user, device);
-                let plain = keys.open(
-                    Table::MailboxAcked,
-                    &seq_slot(&mailbox, seq),
-                    sealed.value(),
-                )?;
-                let id = read_message_id(&plain, "acked message id")?;
-                if let Some(s) = by_mailbox.get_mut(&mailbox) {
-                    s.acked.push((seq, id));
-                }
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(db_err(e)),
+    for (mailbox, seq, plain) in legacy_rows(&txn, MAILBOX_ACKED, Table::MailboxAcked, keys)? {
+        let id = read_message_id(&plain, "acked message id")?;
+        snapshot(&mut by_mailbox, mailbox).acked.push((seq, id));
     }
     Ok(by_mailbox.into_values().collect())
+}
+
+/// Every row of a pre-log `(user, device, seq)` table, opened, in key order; none if the table
+/// does not exist.
+fn legacy_rows(
+    txn: &ReadTransaction,
+    definition: TableDefinition<(&str, u32, u64), &[u8]>,
+    table: Table,
+    keys: &DataKeyRing,
+) -> Result<Vec<(MailboxId, u64, Vec<u8>)>, StoreError> {
+    let rows = match txn.open_table(definition) {
+        Ok(rows) => rows,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(db_err(e)),
+    };
+    let mut out = Vec::new();
+    for entry in rows.iter().map_err(db_err)? {
+        let (row, sealed) = entry.map_err(db_err)?;
+        let (user, device, seq) = row.value();
+        let mailbox = MailboxId::new(user, device);
+        let plain = keys.open(table, &seq_slot(&mailbox, seq), sealed.value())?;
+        out.push((mailbox, seq, plain));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -695,13 +682,19 @@ mod tests {
         DataKeyRing::from_file_string(&keys.to_file_string()).expect("parse")
     }
 
-    #[tokio::test]
-    async fn account_record_copied_into_another_users_row_does_not_open() {
+    /// A store on a fresh directory, and its key (to reopen it with).
+    async fn opened() -> (tempfile::TempDir, DataKeyRing, EmbeddedStore) {
         let dir = tempfile::tempdir().expect("tempdir");
         let keys = DataKeyRing::generate(&mut OsRng);
         let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
             .await
             .expect("open");
+        (dir, keys, store)
+    }
+
+    #[tokio::test]
+    async fn account_record_copied_into_another_users_row_does_not_open() {
+        let (dir, keys, store) = opened().await;
         store
             .create_account("alice", b"alice-keys".to_vec())
             .await
@@ -840,11 +833,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_appends_are_batched_yet_each_durable_and_in_order() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let keys = DataKeyRing::generate(&mut OsRng);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("open");
+        let (dir, keys, store) = opened().await;
         let mut tasks = tokio::task::JoinSet::new();
         for n in 0..200u32 {
             let store = store.clone();
@@ -990,11 +979,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_torn_last_batch_is_cut_off_and_everything_acknowledged_stays() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let keys = DataKeyRing::generate(&mut OsRng);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("open");
+        let (dir, keys, store) = opened().await;
         let mailbox = MailboxId::new("tess", 1);
         append_n(&store, &mailbox, 1..4).await;
         let good_len = store.inner.mailboxes.end();
@@ -1050,11 +1035,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_damaged_batch_with_more_after_it_refuses_to_open() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let keys = DataKeyRing::generate(&mut OsRng);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("open");
+        let (dir, keys, store) = opened().await;
         let mailbox = MailboxId::new("dora", 1);
         append_n(&store, &mailbox, 1..4).await;
         drop(store);
@@ -1077,11 +1058,7 @@ mod tests {
 
     #[tokio::test]
     async fn fresh_records_are_delivered_from_memory_and_read_the_same_from_the_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let keys = DataKeyRing::generate(&mut OsRng);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("open");
+        let (dir, keys, store) = opened().await;
         let mailbox = MailboxId::new("rita", 1);
         append_n(&store, &mailbox, 1..6).await;
         assert_eq!(store.inner.mailboxes.recent_count(), 5);
@@ -1100,11 +1077,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_data_key_refuses_to_open_and_cuts_nothing_off() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let keys = DataKeyRing::generate(&mut OsRng);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("open");
+        let (dir, keys, store) = opened().await;
         let mailbox = MailboxId::new("walt", 1);
         append_n(&store, &mailbox, 1..3).await;
         drop(store);
@@ -1120,11 +1093,7 @@ mod tests {
 
     #[tokio::test]
     async fn compaction_keeps_messages_counters_and_remembered_ids() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let keys = DataKeyRing::generate(&mut OsRng);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("open");
+        let (dir, keys, store) = opened().await;
         let (a, b) = (MailboxId::new("ann", 1), MailboxId::new("ben", 2));
         append_n(&store, &a, 1..21).await;
         append_n(&store, &b, 1..6).await;
@@ -1170,11 +1139,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn compaction_while_appends_and_acks_go_on_loses_and_revives_nothing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let keys = DataKeyRing::generate(&mut OsRng);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("open");
+        let (dir, keys, store) = opened().await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut writers = tokio::task::JoinSet::new();
         for w in 0..4u8 {
