@@ -1,5 +1,6 @@
 //! Storage of chat-server: the [`Store`] trait every backend implements, its error type, the
-//! embedded (redb) backend, data-at-rest sealing, and the conformance suite any backend must pass.
+//! embedded backend (redb, and an append-only log for mailboxes), data-at-rest sealing, and the
+//! conformance suite any backend must pass.
 //!
 //! # What a store keeps
 //! Accounts (opaque records), one-time prekeys, the key directory's append-only log of leaves
