@@ -729,6 +729,22 @@ impl<'k> LogWriter<'k> {
         Ok(at)
     }
 
+    /// Adds a mailbox's counters and remembered ids, then its unacked messages; where each of
+    /// those went (offset and sealed length), in order.
+    fn push_snapshot(&mut self, snapshot: &MailboxSnapshot) -> Result<Vec<(u64, u32)>, StoreError> {
+        self.push(&mailbox_plain(snapshot)?)?;
+        let mut at = Vec::with_capacity(snapshot.live.len());
+        for m in &snapshot.live {
+            at.push(self.push(&append_plain(
+                &snapshot.mailbox,
+                m.seq,
+                &m.message_id,
+                &m.record,
+            )?)?);
+        }
+        Ok(at)
+    }
+
     /// Writes the open batch and syncs it.
     fn flush(&mut self) -> Result<(), StoreError> {
         if self.batch.is_empty() {
@@ -782,15 +798,7 @@ pub(super) fn write_log(
 ) -> Result<(), StoreError> {
     let mut out = LogWriter::create(dir.join(TMP_FILE), keys, generation)?;
     for snapshot in snapshots {
-        out.push(&mailbox_plain(&snapshot)?)?;
-        for m in &snapshot.live {
-            out.push(&append_plain(
-                &snapshot.mailbox,
-                m.seq,
-                &m.message_id,
-                &m.record,
-            )?)?;
-        }
+        out.push_snapshot(&snapshot)?;
     }
     out.install(dir)?;
     Ok(())
@@ -1177,21 +1185,18 @@ impl MailboxLog {
             live,
         } in plan.mailboxes
         {
+            let messages = live
+                .iter()
+                .map(|l| read_message(keys, &old, &mailbox, *l))
+                .collect::<Result<Vec<_>, _>>()?;
             let snapshot = MailboxSnapshot {
                 mailbox,
                 last_seq,
                 acked: acked.into(),
-                live: Vec::new(),
+                live: messages,
             };
-            out.push(&mailbox_plain(&snapshot)?)?;
-            for l in live {
-                let m = read_message(keys, &old, &snapshot.mailbox, l)?;
-                let at = out.push(&append_plain(
-                    &snapshot.mailbox,
-                    m.seq,
-                    &m.message_id,
-                    &m.record,
-                )?)?;
+            let written = out.push_snapshot(&snapshot)?;
+            for (l, at) in live.iter().zip(written) {
                 moved.insert(l.offset, at);
             }
         }
