@@ -6,6 +6,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -27,7 +28,11 @@ pub async fn connect(url: &str, protocol: Option<&str>) -> Result<Ws> {
             .headers_mut()
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_str(p)?);
     }
-    let (ws, _) = tokio_tungstenite::client_async(request, tcp)
+    // The same read buffer as the chat driver's sockets: the load generator costs the same
+    // for every system.
+    let mut config = WebSocketConfig::default();
+    config.read_buffer_size = chatctl::client::conn::READ_BUFFER;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
         .await
         .with_context(|| format!("WebSocket handshake with {url} failed"))?;
     Ok(ws)
