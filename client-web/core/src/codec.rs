@@ -196,6 +196,16 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Skips exactly `n` bytes and returns them.
+    pub fn skip(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        self.take(n)
+    }
+
+    /// The bytes consumed since offset `start` (an earlier [`Reader::offset`]).
+    pub fn since(&self, start: usize) -> &'a [u8] {
+        &self.buf[start.min(self.offset)..self.offset]
+    }
+
     /// Succeeds only when every byte was consumed.
     pub fn finish(self) -> Result<(), DecodeError> {
         match self.remaining() {

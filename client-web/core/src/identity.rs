@@ -134,6 +134,20 @@ impl IdentityPublic {
             .fixed(&self.dh_signature.to_bytes());
     }
 
+    /// Steps over an encoded identity key, checking its version and length but not its keys
+    /// (see [`crate::x3dh::InitialHeader::skip`]).
+    pub(crate) fn skip(r: &mut Reader<'_>) -> Result<(), DecodeError> {
+        let version = r.u8()?;
+        if version != IDENTITY_PUBLIC_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                what: "identity key",
+                version,
+            });
+        }
+        r.skip(Self::ENCODED_LEN - 1)?;
+        Ok(())
+    }
+
     /// Reads without verifying the signature (callers verify).
     pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let version = r.u8()?;

@@ -222,7 +222,9 @@ struct RatchetHeader {
 
 /// A parsed message borrowing its bytes.
 struct ParsedMessage<'a> {
-    initial: Option<InitialHeader>,
+    /// The X3DH header's bytes, not decoded: only [`Session::accept`] needs it
+    /// ([`InitialHeader::decode`]).
+    initial: Option<&'a [u8]>,
     header: RatchetHeader,
     /// Every byte before the ciphertext: authenticated as associated data.
     header_bytes: &'a [u8],
@@ -241,7 +243,7 @@ impl<'a> ParsedMessage<'a> {
         }
         let initial = match r.u8()? {
             KIND_MESSAGE => None,
-            KIND_INITIAL => Some(InitialHeader::read(&mut r)?),
+            KIND_INITIAL => Some(InitialHeader::skip(&mut r)?),
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "message kind",
@@ -270,7 +272,10 @@ impl<'a> ParsedMessage<'a> {
 /// decide between [`Session::accept`] (no session with this sender yet, or a new one) and
 /// [`Session::decrypt`]. Nothing in it is verified yet: `accept` does that.
 pub fn initial_header(message: &[u8]) -> Result<Option<InitialHeader>, SessionError> {
-    Ok(ParsedMessage::parse(message)?.initial)
+    Ok(ParsedMessage::parse(message)?
+        .initial
+        .map(InitialHeader::decode)
+        .transpose()?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,7 +406,7 @@ impl Session {
     /// then consumes the one-time prekey it used. Returns the session and the plaintext.
     pub fn accept(keys: &mut DeviceKeys, message: &[u8]) -> Result<(Self, Vec<u8>), SessionError> {
         let parsed = ParsedMessage::parse(message)?;
-        let header = parsed.initial.ok_or(SessionError::NotInitialMessage)?;
+        let header = InitialHeader::decode(parsed.initial.ok_or(SessionError::NotInitialMessage)?)?;
         let agreement = x3dh::respond_without_consuming(keys, &header)?;
         let self_ratchet = keys
             .signed_prekey_secret(header.signed_prekey_id)
