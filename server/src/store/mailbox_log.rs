@@ -456,15 +456,25 @@ impl<'k> BatchWriter<'k> {
     /// Seals and adds an entry; its offset and sealed length.
     fn push(&mut self, plain: &[u8]) -> Result<(u64, u32), StoreError> {
         let offset = self.start + self.buf.len() as u64;
-        let sealed = self.keys.seal(
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        let sealed = self.keys.seal_into(
             Table::MailboxFile,
             &entry_slot(self.generation, offset),
             plain,
-        )?;
-        let sealed_len = u32::try_from(sealed.len())
-            .map_err(|_| StoreError::Backend("mailbox log entry over 4 GiB".into()))?;
-        self.buf.extend_from_slice(&sealed_len.to_le_bytes());
-        self.buf.extend_from_slice(&sealed);
+            &mut self.buf,
+        );
+        let sealed_len = match sealed.map(u32::try_from) {
+            Ok(Ok(len)) => len,
+            failed => {
+                self.buf.truncate(at);
+                return Err(match failed {
+                    Err(e) => e,
+                    _ => StoreError::Backend("mailbox log entry over 4 GiB".into()),
+                });
+            }
+        };
+        self.buf[at..at + 4].copy_from_slice(&sealed_len.to_le_bytes());
         Ok((offset, sealed_len))
     }
 

@@ -23,7 +23,7 @@ use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use chacha20poly1305::aead::{Aead, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce};
 use rand_core::{CryptoRng, OsRng, RngCore};
 use zeroize::Zeroizing;
@@ -300,28 +300,44 @@ impl DataKeyRing {
 
     /// Seals `plaintext` for row `slot` of `table` under the active key.
     pub fn seal(&self, table: Table, slot: &Slot, plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut record = Vec::with_capacity(MIN_RECORD_LEN + plaintext.len());
+        self.seal_into(table, slot, plaintext, &mut record)?;
+        Ok(record)
+    }
+
+    /// [`DataKeyRing::seal`] that appends the record to `out` (encrypted in place, no buffer
+    /// of its own); returns the record's length.
+    pub fn seal_into(
+        &self,
+        table: Table,
+        slot: &Slot,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<usize, StoreError> {
         let key = self.active();
         let mut nonce = [0u8; NONCE_LEN];
         OsRng.fill_bytes(&mut nonce);
         let header = header(key.id);
         let aad = associated_data(&header, table, slot);
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key.key.as_ref()));
-        let ciphertext = cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| {
-                StoreError::Backend(format!("cannot seal a record for table {table}: too long"))
-            })?;
-        let mut record = Vec::with_capacity(HEADER_LEN + NONCE_LEN + ciphertext.len());
-        record.extend_from_slice(&header);
-        record.extend_from_slice(&nonce);
-        record.extend_from_slice(&ciphertext);
-        Ok(record)
+        let start = out.len();
+        out.reserve(MIN_RECORD_LEN + plaintext.len());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&nonce);
+        let body = out.len();
+        out.extend_from_slice(plaintext);
+        match cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[body..]) {
+            Ok(tag) => {
+                out.extend_from_slice(&tag);
+                Ok(out.len() - start)
+            }
+            Err(_) => {
+                out.truncate(start);
+                Err(StoreError::Backend(format!(
+                    "cannot seal a record for table {table}: too long"
+                )))
+            }
+        }
     }
 
     /// Opens a record read from row `slot` of `table`. Fails with [`StoreError::Unseal`] when
