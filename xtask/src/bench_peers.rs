@@ -969,6 +969,9 @@ fn render(
         "\n**Targets** (chat-server row with plain WS unless stated)\n"
     );
     let _ = writeln!(md, "| target | measured | |\n|---|---|---|");
+    let mut target = |name: &str, measured: String, ok: bool| {
+        let _ = writeln!(md, "| {name} | {measured} | {} |", verdict(ok));
+    };
     // Twice: with the e2e load generator (Double Ratchet on every send and receive, on the
     // same two cores), and `--raw`, where the load generator does what it does for the peers.
     for (row, rate) in [
@@ -977,48 +980,47 @@ fn render(
     ] {
         let vs_nats = rate / nats.max.msgs_per_sec.max(1e-9);
         let vs_ej = rate / ejabberd.max.msgs_per_sec.max(1e-9);
-        let _ = writeln!(
-            md,
-            "| throughput ≥ 0.5x NATS core over WS ({row}) | {vs_nats:.2}x | {} |",
-            verdict(vs_nats >= 0.5)
+        target(
+            &format!("throughput ≥ 0.5x NATS core over WS ({row})"),
+            format!("{vs_nats:.2}x"),
+            vs_nats >= 0.5,
         );
-        let _ = writeln!(
-            md,
-            "| throughput ≥ 5x ejabberd ({row}) | {vs_ej:.2}x | {} |",
-            verdict(vs_ej >= 5.0)
+        target(
+            &format!("throughput ≥ 5x ejabberd ({row})"),
+            format!("{vs_ej:.2}x"),
+            vs_ej >= 5.0,
         );
     }
-    let _ = writeln!(
-        md,
-        "| p99 ≤ 5 ms at 50% of max | {:.2} ms at {:.0}/s (TLS: {:.2} ms) | {} |",
-        chat.at50.p99_ms,
-        chat.at50.msgs_per_sec,
-        tls.at50.p99_ms,
-        verdict(chat.at50.p99_ms <= 5.0)
+    target(
+        "p99 ≤ 5 ms at 50% of max",
+        format!(
+            "{:.2} ms at {:.0}/s (TLS: {:.2} ms)",
+            chat.at50.p99_ms, chat.at50.msgs_per_sec, tls.at50.p99_ms
+        ),
+        chat.at50.p99_ms <= 5.0,
     );
     let plain_kib = chat.idle.rss_per_connection.unwrap_or(f64::MAX) / 1024.0;
     let tls_kib = tls.idle.rss_per_connection.unwrap_or(f64::MAX) / 1024.0;
-    let _ = writeln!(
-        md,
-        "| ≤ 8 KiB per idle plaintext WebSocket | {plain_kib:.1} KiB | {} |",
-        verdict(plain_kib <= 8.0)
+    target(
+        "≤ 8 KiB per idle plaintext WebSocket",
+        format!("{plain_kib:.1} KiB"),
+        plain_kib <= 8.0,
     );
-    let _ = writeln!(
-        md,
-        "| ≤ 16 KiB per idle TLS WebSocket | {tls_kib:.1} KiB | {} |",
-        verdict(tls_kib <= 16.0)
+    target(
+        "≤ 16 KiB per idle TLS WebSocket",
+        format!("{tls_kib:.1} KiB"),
+        tls_kib <= 16.0,
     );
     let opened = chat.idle.delivered.min(tls.idle.delivered);
-    let _ = writeln!(
-        md,
-        "| 10k idle connections per instance | {opened:.0} (plain and TLS) | {} |",
-        verdict(opened >= 10_000.0)
+    target(
+        "10k idle connections per instance",
+        format!("{opened:.0} (plain and TLS)"),
+        opened >= 10_000.0,
     );
-    let _ = writeln!(
-        md,
-        "| no message lost (sent = delivered, every run) | {} | {} |",
-        if lossless { "yes" } else { "no" },
-        verdict(lossless)
+    target(
+        "no message lost (sent = delivered, every run)",
+        (if lossless { "yes" } else { "no" }).to_owned(),
+        lossless,
     );
 
     for (s, r) in systems.iter().zip(results) {
