@@ -70,7 +70,7 @@ impl InitialHeader {
     /// Steps over an initial header, checking its layout but not its keys, and returns its
     /// bytes for [`InitialHeader::decode`]. A session already running ignores the header (it
     /// only starts one), and decoding its Ed25519 key was the largest cost of decrypting a
-    /// message that carries it: about a third of `Session::decrypt`.
+    /// message that carries it: close to half of `Session::decrypt`.
     pub(crate) fn skip<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], DecodeError> {
         let start = r.offset();
         IdentityPublic::skip(r)?;

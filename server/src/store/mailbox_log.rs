@@ -1395,9 +1395,12 @@ impl MailboxLog {
 
 /// Lets go of a log file a compaction replaced (already unlinked by the rename), cutting it
 /// down a slice at a time first: freeing a 256 MiB file in one go held the file system's
-/// journal long enough to stall the committer's fsyncs by tens of milliseconds.
+/// journal long enough to stall the committer's fsyncs by tens of milliseconds. 1 MiB every
+/// 8 ms (a 256 MiB file in about 2 s) kept p99 at 3.3–5.3 ms at half the maximum rate where
+/// 8 MiB every 2 ms gave 26 ms on the same machine (docs/BENCHMARKS.md).
 fn release_gently(old: Arc<LogFile>) {
-    const SLICE: u64 = 8 * 1024 * 1024;
+    const SLICE: u64 = 1024 * 1024;
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(8);
     // A fetch that began before the switch may still be reading it.
     let mut old = old;
     for _ in 0..1000 {
@@ -1409,7 +1412,7 @@ fn release_gently(old: Arc<LogFile>) {
                     if file.file.set_len(len).is_err() {
                         break;
                     }
-                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    std::thread::sleep(PAUSE);
                 }
                 return;
             }
