@@ -458,20 +458,23 @@ impl<'k> BatchWriter<'k> {
         let offset = self.start + self.buf.len() as u64;
         let at = self.buf.len();
         self.buf.extend_from_slice(&[0; 4]);
-        let sealed = self.keys.seal_into(
-            Table::MailboxFile,
-            &entry_slot(self.generation, offset),
-            plain,
-            &mut self.buf,
-        );
-        let sealed_len = match sealed.map(u32::try_from) {
-            Ok(Ok(len)) => len,
-            failed => {
+        let sealed_len = self
+            .keys
+            .seal_into(
+                Table::MailboxFile,
+                &entry_slot(self.generation, offset),
+                plain,
+                &mut self.buf,
+            )
+            .and_then(|len| {
+                u32::try_from(len)
+                    .map_err(|_| StoreError::Backend("mailbox log entry over 4 GiB".into()))
+            });
+        let sealed_len = match sealed_len {
+            Ok(len) => len,
+            Err(e) => {
                 self.buf.truncate(at);
-                return Err(match failed {
-                    Err(e) => e,
-                    _ => StoreError::Backend("mailbox log entry over 4 GiB".into()),
-                });
+                return Err(e);
             }
         };
         self.buf[at..at + 4].copy_from_slice(&sealed_len.to_le_bytes());
