@@ -307,7 +307,10 @@ where
     })
 }
 
-/// Opens and drops connections with `concurrency` workers for `duration`.
+/// Opens and drops connections with `concurrency` workers for `duration`. An attempt still
+/// under way when `duration` is up is cut and not counted, so one that hangs (ejabberd now and
+/// then leaves a new WebSocket unanswered) costs the run that worker, not 15 s more of elapsed
+/// time; one that had waited over a second is reported.
 pub async fn connect<T, F, Fut>(
     duration: Duration,
     concurrency: usize,
@@ -319,17 +322,26 @@ where
 {
     let bar = chatctl::progress::spinner("connecting".into());
     let start = Instant::now();
+    let deadline = tokio::time::Instant::from_std(start + duration);
     let attempted = AtomicU64::new(0);
+    let hung = AtomicU64::new(0);
     let open = &open;
-    let attempted_ref = &attempted;
+    let (attempted_ref, hung_ref) = (&attempted, &hung);
     let workers = (0..concurrency.max(1)).map(|w| async move {
         let mut latencies = Vec::new();
         let mut first_error = None;
         let mut i = w;
         while start.elapsed() < duration {
-            attempted_ref.fetch_add(1, Relaxed);
             let t = Instant::now();
-            match open(i).await {
+            let Ok(outcome) = tokio::time::timeout_at(deadline, open(i)).await else {
+                // Cut by the end of the run; one this old is a connection the server left hanging.
+                if t.elapsed() > Duration::from_secs(1) {
+                    hung_ref.fetch_add(1, Relaxed);
+                }
+                break;
+            };
+            attempted_ref.fetch_add(1, Relaxed);
+            match outcome {
                 Ok(conn) => {
                     latencies.push(t.elapsed().as_nanos() as u64);
                     drop(conn);
@@ -351,6 +363,13 @@ where
         if let Some(e) = e {
             eprintln!("chatctl: warning: a connection failed: {e:#}");
         }
+    }
+    let hung = hung.load(Relaxed);
+    if hung > 0 {
+        eprintln!(
+            "chatctl: warning: {hung} connection attempt(s) unanswered for over 1 s at the end of \
+             the run, not counted"
+        );
     }
     Ok(OpenResult {
         attempted: attempted.load(Relaxed),
@@ -426,5 +445,25 @@ mod tests {
         assert_eq!(p.len(), PAYLOAD);
         assert_eq!(sent_nanos(&p), 123_456);
         assert_eq!(sent_nanos(&[1, 2]), 0);
+    }
+
+    #[tokio::test]
+    async fn connect_abandons_an_attempt_that_hangs_past_the_duration() {
+        // Worker 0's second attempt never answers, as ejabberd sometimes does; worker 1 keeps
+        // opening. The run must end at its duration, counting only finished attempts.
+        let run = connect(Duration::from_millis(300), 2, |i| async move {
+            if i == 2 {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            anyhow::Ok(())
+        });
+        let r = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("connect waited for the hung attempt")
+            .expect("connect");
+        assert!(r.opened > 2, "worker 1 kept opening: {}", r.opened);
+        assert_eq!(r.attempted, r.opened, "the hung attempt is not counted");
+        assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
     }
 }

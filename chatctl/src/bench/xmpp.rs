@@ -56,7 +56,8 @@ impl XmppConn {
             conn.write(iq).await?;
             let answer = conn
                 .until(|s| s.contains("id='reg'") || s.contains("id=\"reg\""))
-                .await?;
+                .await
+                .context("registering")?;
             let refused = answer.contains("type='error'") || answer.contains("type=\"error\"");
             // An existing account (conflict) is fine: the password is the driver's.
             if refused && !answer.contains("conflict") {
@@ -71,18 +72,20 @@ impl XmppConn {
         .await?;
         let answer = conn
             .until(|s| s.contains("<success") || s.contains("<failure"))
-            .await?;
+            .await
+            .context("logging in (SASL)")?;
         if answer.contains("<failure") {
             bail!("ejabberd refused the login of {user}: {answer}");
         }
-        conn.open().await?;
+        conn.open().await.context("after SASL")?;
         conn.write(format!(
             "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
         ))
         .await?;
         let answer = conn
             .until(|s| s.contains("id='bind'") || s.contains("id=\"bind\""))
-            .await?;
+            .await
+            .context("binding a resource")?;
         if !(answer.contains("type='result'") || answer.contains("type=\"result\"")) {
             bail!("ejabberd refused to bind {user}/{resource}: {answer}");
         }
@@ -94,7 +97,10 @@ impl XmppConn {
             "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='{DOMAIN}' version='1.0'/>"
         ))
         .await?;
-        self.until(|s| s.contains("features")).await.map(drop)
+        self.until(|s| s.contains("features"))
+            .await
+            .map(drop)
+            .context("opening the stream")
     }
 
     async fn write(&mut self, stanza: String) -> Result<()> {
