@@ -7,7 +7,9 @@
 //! venv under `~/.cache/chatapp-bench/synapse-venv`), builds chatctl and chat-server in release
 //! mode, starts on loopback: chat-server with plain HTTP and with TLS (embedded store, every
 //! envelope committed with fsync before its ack), nats-server with a WebSocket listener,
-//! ejabberd with a WebSocket listener (no shaper, in-band registration), `chatctl bench relay`,
+//! ejabberd with a WebSocket listener (no shaper, in-band registration; started as the
+//! `ejabberd` user through `setpriv`, not `su`, so the raised open-file limit holds), `chatctl
+//! bench relay`,
 //! and Synapse with a plain HTTP client listener (SQLite, open registration, rate limits
 //! raised out of the way, presence off). Every process runs with RLIMIT_NOFILE raised to the
 //! hard limit. Runs pairs (max, 50% and 90% of max), group, idle and connect against each and
