@@ -410,6 +410,17 @@ fn wait_for_port(addr: &str, what: &str, log: &Path) -> Result<()> {
     )
 }
 
+/// The home directory of `user` in the text of /etc/passwd
+/// (`name:password:uid:gid:gecos:home:shell`).
+fn home_of(passwd: &str, user: &str) -> Option<String> {
+    passwd
+        .lines()
+        .find_map(|l| l.strip_prefix(user)?.strip_prefix(':'))
+        .and_then(|rest| rest.split(':').nth(4))
+        .filter(|home| !home.is_empty())
+        .map(str::to_owned)
+}
+
 fn ejabberdctl_base(work: &Path) -> Vec<String> {
     let dir = work.join("ejabberd");
     vec![
@@ -544,16 +555,20 @@ fn start_peers(
     // sets the soft open-file limit back to 1024: ejabberd then failed near 1000 sockets. Run as
     // that user from the start instead (setpriv does not go through PAM), so the raised limit
     // of `with_nofile` holds.
-    let mut ejabberd_args: Vec<String> = [
-        "HOME=/var/lib/ejabberd",
-        "setpriv",
-        "--reuid=ejabberd",
-        "--regid=ejabberd",
-        "--init-groups",
-        "ejabberdctl",
-    ]
-    .map(String::from)
-    .into();
+    // HOME is where Erlang keeps its cookie; su set it, setpriv does not.
+    let home = home_of(&fs::read_to_string("/etc/passwd")?, "ejabberd")
+        .context("the ejabberd package made no `ejabberd` user (no line in /etc/passwd)")?;
+    let mut ejabberd_args: Vec<String> = vec![format!("HOME={home}")];
+    ejabberd_args.extend(
+        [
+            "setpriv",
+            "--reuid=ejabberd",
+            "--regid=ejabberd",
+            "--init-groups",
+            "ejabberdctl",
+        ]
+        .map(String::from),
+    );
     ejabberd_args.extend(ejabberdctl_base(work));
     ejabberd_args.push("foreground".into());
     let log = work.join("ejabberd.log");
@@ -1088,5 +1103,17 @@ mod tests {
         assert_eq!(yaml.matches("\nrc_joins:").count(), 1);
         assert!(yaml.contains("enable_registration_without_verification: true\n"));
         assert!(yaml.contains("    database: /w/synapse/data/homeserver.db\n"));
+    }
+
+    #[test]
+    fn home_of_reads_the_sixth_field_of_the_named_user_only() {
+        let passwd =
+            "ejabberd2:x:1:1::/nope:/bin/sh\nejabberd:x:105:114::/var/lib/ejabberd:/bin/sh\n";
+        assert_eq!(
+            home_of(passwd, "ejabberd").as_deref(),
+            Some("/var/lib/ejabberd")
+        );
+        assert_eq!(home_of(passwd, "nats"), None);
+        assert_eq!(home_of("ejabberd:x:105:114::", "ejabberd"), None);
     }
 }
