@@ -558,17 +558,14 @@ fn start_peers(
     // HOME is where Erlang keeps its cookie; su set it, setpriv does not.
     let home = home_of(&fs::read_to_string("/etc/passwd")?, "ejabberd")
         .context("the ejabberd package made no `ejabberd` user (no line in /etc/passwd)")?;
-    let mut ejabberd_args: Vec<String> = vec![format!("HOME={home}")];
-    ejabberd_args.extend(
-        [
-            "setpriv",
-            "--reuid=ejabberd",
-            "--regid=ejabberd",
-            "--init-groups",
-            "ejabberdctl",
-        ]
-        .map(String::from),
-    );
+    let mut ejabberd_args = vec![
+        format!("HOME={home}"),
+        "setpriv".into(),
+        "--reuid=ejabberd".into(),
+        "--regid=ejabberd".into(),
+        "--init-groups".into(),
+        "ejabberdctl".into(),
+    ];
     ejabberd_args.extend(ejabberdctl_base(work));
     ejabberd_args.push("foreground".into());
     let log = work.join("ejabberd.log");
@@ -938,10 +935,10 @@ fn render(
 
     let _ = writeln!(
         md,
-        "\n**Idle connections** (`idle --connections {}`: chat-server, NATS and the relay: \
-         logged-in sockets of one user; ejabberd: one user per socket; Synapse: one user per \
-         socket, each with a pending `/sync` long-poll; server RSS from /proc before and after, \
-         2 s after the last one opened)\n",
+        "\n**Idle connections** (`idle --connections {}`: chat-server: logged-in sockets of \
+         one user; ejabberd: one user per socket; Synapse: one user per socket, each with a \
+         pending `/sync` long-poll; NATS: one connection each; the relay: one name per socket; \
+         server RSS from /proc before and after, 2 s after the last one opened)\n",
         opts.idle
     );
     let _ = writeln!(md, "| system | opened | RSS per connection | load |{names}");
