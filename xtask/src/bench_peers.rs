@@ -99,6 +99,8 @@ struct Run {
 #[derive(Default)]
 struct Results {
     max: Run,
+    /// `pairs` with every message written alone (`--batch 1`).
+    one_write: Run,
     at50: Run,
     at90: Run,
     group: Run,
@@ -731,6 +733,7 @@ fn measure(
     for system in &systems {
         let mut r = Results {
             max: bench(chatctl, system, &common, &pairs)?,
+            one_write: bench(chatctl, system, &common, &one_write(&pairs))?,
             ..Results::default()
         };
         for (fraction, slot) in [(0.5, &mut r.at50), (0.9, &mut r.at90)] {
@@ -762,11 +765,15 @@ fn measure(
         r.connect = bench(chatctl, system, &common, &["connect".into()])?;
         results.push(r);
     }
-    let raw = bench(chatctl, &systems[0], &common, &{
+    let raw_pairs = {
         let mut p = pairs.clone();
         p.insert(0, "--raw".into());
         p
-    })?;
+    };
+    let raw = [
+        bench(chatctl, &systems[0], &common, &raw_pairs)?,
+        bench(chatctl, &systems[0], &common, &one_write(&raw_pairs))?,
+    ];
     let section = render(
         opts,
         &systems,
@@ -783,6 +790,13 @@ fn measure(
         END,
         &section,
     )
+}
+
+/// The same scenario with every message written alone.
+fn one_write(scenario: &[String]) -> Vec<String> {
+    let mut s = scenario.to_vec();
+    s.extend(["--batch".into(), "1".into()]);
+    s
 }
 
 fn crate_load() -> f64 {
@@ -818,7 +832,7 @@ fn render(
     opts: &Options,
     systems: &[System],
     results: &[Results],
-    raw: &Run,
+    raw: &[Run; 2],
     load_start: f64,
     load_end: f64,
     took: Duration,
@@ -835,7 +849,9 @@ fn render(
          differences under ~15% as noise. Every row is one \
          `chatctl bench --json` run; the load generator, payloads (256 bytes) and window \
          ({} pairs, 16 undelivered messages per sender) are the same for every system. \
-         Ratios are row ÷ column (higher is better for rates, lower for latency and memory).",
+         Senders pipeline: what the window allows (or, at a fixed rate, what is due) leaves in \
+         one write of up to 16 messages; the second throughput table writes each message \
+         alone (`--batch 1`). Ratios are row ÷ column (higher is better for rates, lower for latency and memory).",
         opts.duration,
         opts.latency_duration,
         opts.idle,
@@ -848,33 +864,47 @@ fn render(
     );
     let col = |f: &dyn Fn(&Results) -> f64| results.iter().map(f).collect::<Vec<_>>();
 
-    let _ = writeln!(
-        md,
-        "\n**1:1 throughput** (`pairs --pairs {}`, as fast as the window allows)\n",
-        opts.pairs
-    );
-    let _ = writeln!(md, "| system | msgs/s | sent = delivered | load |{names}");
-    let _ = writeln!(md, "|---|---|---|---|{rule}");
-    let all = col(&|r| r.max.msgs_per_sec);
-    for (s, r) in systems.iter().zip(results) {
+    for (title, pick, raw) in [
+        (
+            "as fast as the window allows",
+            (|r: &Results| &r.max) as fn(&Results) -> &Run,
+            &raw[0],
+        ),
+        (
+            "each message written alone, `--batch 1`",
+            |r: &Results| &r.one_write,
+            &raw[1],
+        ),
+    ] {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} | {:.2} |{}",
-            s.label,
-            r.max.msgs_per_sec,
-            same(&r.max),
-            r.max.load,
-            ratio_cells(r.max.msgs_per_sec, &all)
+            "\n**1:1 throughput, {title}** (`pairs --pairs {}`)\n",
+            opts.pairs
+        );
+        let _ = writeln!(md, "| system | msgs/s | sent = delivered | load |{names}");
+        let _ = writeln!(md, "|---|---|---|---|{rule}");
+        let all = col(&|r| pick(r).msgs_per_sec);
+        for (s, r) in systems.iter().zip(results) {
+            let run = pick(r);
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {} | {:.2} |{}",
+                s.label,
+                run.msgs_per_sec,
+                same(run),
+                run.load,
+                ratio_cells(run.msgs_per_sec, &all)
+            );
+        }
+        let _ = writeln!(
+            md,
+            "| chat-server, `--raw` (no e2e), plain WS | {:.0} | {} | {:.2} |{}",
+            raw.msgs_per_sec,
+            same(raw),
+            raw.load,
+            ratio_cells(raw.msgs_per_sec, &all)
         );
     }
-    let _ = writeln!(
-        md,
-        "| chat-server, `--raw` (no e2e), plain WS | {:.0} | {} | {:.2} |{}",
-        raw.msgs_per_sec,
-        same(raw),
-        raw.load,
-        ratio_cells(raw.msgs_per_sec, &all)
-    );
 
     let _ = writeln!(
         md,
@@ -984,8 +1014,8 @@ fn render(
     let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
     let all_runs = results
         .iter()
-        .flat_map(|r| [&r.max, &r.at50, &r.at90, &r.group])
-        .chain([raw]);
+        .flat_map(|r| [&r.max, &r.one_write, &r.at50, &r.at90, &r.group])
+        .chain(raw);
     let lossless = all_runs.clone().all(|r| same(r) != "**no**");
     let _ = writeln!(
         md,
@@ -999,7 +1029,7 @@ fn render(
     // same two cores), and `--raw`, where the load generator does what it does for the peers.
     for (row, rate) in [
         ("e2e", chat.max.msgs_per_sec),
-        ("`--raw`", raw.msgs_per_sec),
+        ("`--raw`", raw[0].msgs_per_sec),
     ] {
         let vs_nats = rate / nats.max.msgs_per_sec.max(1e-9);
         let vs_ej = rate / ejabberd.max.msgs_per_sec.max(1e-9);
@@ -1047,7 +1077,15 @@ fn render(
     );
 
     for (s, r) in systems.iter().zip(results) {
-        for run in [&r.max, &r.at50, &r.at90, &r.group, &r.idle, &r.connect] {
+        for run in [
+            &r.max,
+            &r.one_write,
+            &r.at50,
+            &r.at90,
+            &r.group,
+            &r.idle,
+            &r.connect,
+        ] {
             if let Some(why) = &run.failed {
                 let _ = writeln!(md, "\nFailed ({}): `{}`: {why}", s.label, run.command);
             }
@@ -1056,11 +1094,21 @@ fn render(
     let _ = writeln!(md, "\n<details><summary>Commands of this run</summary>\n");
     for (s, r) in systems.iter().zip(results) {
         let _ = writeln!(md, "- {}:", s.label);
-        for run in [&r.max, &r.at50, &r.at90, &r.group, &r.idle, &r.connect] {
+        for run in [
+            &r.max,
+            &r.one_write,
+            &r.at50,
+            &r.at90,
+            &r.group,
+            &r.idle,
+            &r.connect,
+        ] {
             let _ = writeln!(md, "  - `{}`", run.command);
         }
     }
-    let _ = writeln!(md, "- `{}`", raw.command);
+    for run in raw {
+        let _ = writeln!(md, "- `{}`", run.command);
+    }
     let _ = writeln!(md, "\n</details>");
     let _ = write!(md, "{END}");
     md

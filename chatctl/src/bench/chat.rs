@@ -88,7 +88,7 @@ impl Outbox for ChatOutbox {
             let message_id = self.ids.next();
             self.client
                 .conn
-                .send(&ClientFrame::Send {
+                .feed(&ClientFrame::Send {
                     message_id,
                     to_user: name.clone(),
                     to_device: DEVICE_ID,
@@ -102,6 +102,10 @@ impl Outbox for ChatOutbox {
             self.count(&frame)?;
         }
         Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.client.conn.flush().await
     }
 
     async fn finish(&mut self) -> Result<u64> {

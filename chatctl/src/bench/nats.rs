@@ -78,6 +78,18 @@ impl NatsConn {
             .context("cannot send to nats-server")
     }
 
+    /// Queues `bytes` without writing them out (see [`NatsConn::flush`]).
+    async fn feed(&mut self, bytes: Vec<u8>) -> Result<()> {
+        self.ws
+            .feed(Message::Binary(bytes.into()))
+            .await
+            .context("cannot send to nats-server")
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.ws.flush().await.context("cannot send to nats-server")
+    }
+
     async fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -135,9 +147,13 @@ impl Outbox for NatsOutbox {
         let mut frame = format!("PUB {} {}\r\n", self.subject, body.len()).into_bytes();
         frame.extend_from_slice(&body);
         frame.extend_from_slice(b"\r\n");
-        self.conn.write(frame).await?;
+        self.conn.feed(frame).await?;
         self.published += 1;
         Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.conn.flush().await
     }
 
     async fn finish(&mut self) -> Result<u64> {

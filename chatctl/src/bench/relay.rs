@@ -54,11 +54,13 @@ pub async fn serve(listen: SocketAddr) -> Result<()> {
     }
 }
 
-/// Buffers as small as the chat server's (idle sockets must stay cheap).
+/// Buffers like the chat server's: small reads (idle sockets must stay cheap) and frames queued
+/// together leaving in one write of up to 8 KiB. With a write buffer of 0, tungstenite writes
+/// each frame as it is fed, and the writer task's single flush saved nothing.
 fn small_buffers() -> WebSocketConfig {
     let mut config = WebSocketConfig::default();
     config.read_buffer_size = 4096;
-    config.write_buffer_size = 0;
+    config.write_buffer_size = 8 * 1024;
     config
 }
 
@@ -134,7 +136,8 @@ impl RelayConn {
         })
     }
 
-    async fn send_to(&mut self, dest: &[u8], payload: &[u8]) -> Result<()> {
+    /// Queues a frame for `dest` without writing it out (see [`RelayConn::flush`]).
+    async fn queue_to(&mut self, dest: &[u8], payload: &[u8]) -> Result<()> {
         let len =
             u8::try_from(dest.len()).map_err(|_| anyhow!("relay names are at most 255 bytes"))?;
         let mut frame = Vec::with_capacity(1 + dest.len() + payload.len());
@@ -142,9 +145,13 @@ impl RelayConn {
         frame.extend_from_slice(dest);
         frame.extend_from_slice(payload);
         self.ws
-            .send(Message::Binary(frame.into()))
+            .feed(Message::Binary(frame.into()))
             .await
             .context("cannot send to the relay")
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.ws.flush().await.context("cannot send to the relay")
     }
 
     async fn recv(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>> {
@@ -174,16 +181,21 @@ impl Outbox for RelayOutbox {
     async fn send(&mut self, body: Vec<u8>) -> Result<()> {
         for i in 0..self.to.len() {
             let dest = self.to[i].clone();
-            self.conn.send_to(&dest, &body).await?;
+            self.conn.queue_to(&dest, &body).await?;
             self.sent += 1;
         }
         Ok(())
     }
 
+    async fn flush(&mut self) -> Result<()> {
+        self.conn.flush().await
+    }
+
     async fn finish(&mut self) -> Result<u64> {
         // A message to itself comes back after everything sent before it was forwarded.
         let me = self.conn.name.clone();
-        self.conn.send_to(&me, b"fin").await?;
+        self.conn.queue_to(&me, b"fin").await?;
+        self.conn.flush().await?;
         self.conn
             .recv(Duration::from_secs(15))
             .await?

@@ -110,6 +110,18 @@ impl XmppConn {
             .context("cannot send to ejabberd")
     }
 
+    /// Queues `stanza` without writing it out (see [`XmppConn::flush`]).
+    async fn feed(&mut self, stanza: String) -> Result<()> {
+        self.ws
+            .feed(Message::Text(stanza.into()))
+            .await
+            .context("cannot send to ejabberd")
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.ws.flush().await.context("cannot send to ejabberd")
+    }
+
     async fn next_stanza(&mut self, timeout: Duration) -> Result<Option<String>> {
         loop {
             let message = match tokio::time::timeout(timeout, self.ws.next()).await {
@@ -159,10 +171,14 @@ impl Outbox for XmppOutbox {
             self.conn.next_id += 1;
             let stanza =
                 format!("<message to='{to}' id='m{id}' type='chat'><body>{body}</body></message>");
-            self.conn.write(stanza).await?;
+            self.conn.feed(stanza).await?;
             self.sent += 1;
         }
         Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.conn.flush().await
     }
 
     async fn finish(&mut self) -> Result<u64> {

@@ -176,6 +176,20 @@ impl Connection {
             .context("cannot send to the server")
     }
 
+    /// Queues `frame` in the socket's write buffer without writing it out: frames fed one after
+    /// another leave in one write at [`Connection::flush`] (or when the buffer fills).
+    pub async fn feed(&mut self, frame: &ClientFrame) -> Result<()> {
+        self.ws
+            .feed(Message::Binary(frame.encode().into()))
+            .await
+            .context("cannot send to the server")
+    }
+
+    /// Writes out every frame queued by [`Connection::feed`].
+    pub async fn flush(&mut self) -> Result<()> {
+        self.ws.flush().await.context("cannot send to the server")
+    }
+
     /// Sends raw bytes (tests of malformed frames).
     pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.ws

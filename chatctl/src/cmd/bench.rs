@@ -99,6 +99,11 @@ pub enum Scenario {
         /// Messages per sender sent but not yet delivered (when no --rate).
         #[arg(long, default_value_t = 16)]
         window: usize,
+        /// Most messages a sender writes with one syscall when the window allows several
+        /// (with --rate: when several are due); 1 writes each message alone, as a person's
+        /// client does.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
     },
     /// Fan-out: one sender, every message to M members (pairwise sessions for chat).
     Group {
@@ -110,6 +115,11 @@ pub enum Scenario {
         /// Group messages sent but not yet delivered to every member (when no --rate).
         #[arg(long, default_value_t = 16)]
         window: usize,
+        /// Most messages a sender writes with one syscall when the window allows several
+        /// (with --rate: when several are due); 1 writes each message alone, as a person's
+        /// client does.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
     },
     /// Open C logged-in idle connections (one user, many sockets; matrix: one user per socket,
     /// each with a pending /sync long-poll) and report server RSS per connection (needs
@@ -272,6 +282,7 @@ async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
             pairs,
             rate,
             window,
+            batch,
         } => {
             let result = traffic(
                 args,
@@ -281,6 +292,7 @@ async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
                     duration: args.duration,
                     rate,
                     window,
+                    batch,
                 },
             )
             .await?;
@@ -299,6 +311,7 @@ async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
             members,
             rate,
             window,
+            batch,
         } => {
             let result = traffic(
                 args,
@@ -308,6 +321,7 @@ async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
                     duration: args.duration,
                     rate,
                     window,
+                    batch,
                 },
             )
             .await?;
