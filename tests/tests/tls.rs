@@ -2,11 +2,11 @@
 //! no HIGH or CRITICAL finding, only TLS 1.2 and 1.3 offered, only AEAD cipher suites. A missing
 //! testssl fails the test (install the Debian package `testssl.sh`, or `cargo xtask deps`).
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use chat_tests::docker::free_port;
 use chat_tests::{ServerProcess, World, binaries};
 
 /// Protocols, standard cipher lists, forward secrecy, each cipher per protocol, vulnerabilities:
@@ -116,13 +116,6 @@ impl Drop for Gateway {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn start_gateway(server: &ServerProcess, work: &Path) -> (Gateway, u16) {

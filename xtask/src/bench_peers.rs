@@ -108,6 +108,21 @@ struct Results {
     connect: Run,
 }
 
+impl Results {
+    /// Every run, in the order of the tables.
+    fn runs(&self) -> [&Run; 7] {
+        [
+            &self.max,
+            &self.one_write,
+            &self.at50,
+            &self.at90,
+            &self.group,
+            &self.idle,
+            &self.connect,
+        ]
+    }
+}
+
 pub fn run(args: &[String]) -> Result<()> {
     let mut opts = Options {
         duration: "5s".into(),
@@ -884,26 +899,21 @@ fn render(
         let _ = writeln!(md, "| system | msgs/s | sent = delivered | load |{names}");
         let _ = writeln!(md, "|---|---|---|---|{rule}");
         let all = col(&|r| pick(r).msgs_per_sec);
-        for (s, r) in systems.iter().zip(results) {
-            let run = pick(r);
+        let rows = systems
+            .iter()
+            .zip(results)
+            .map(|(s, r)| (s.label, pick(r)))
+            .chain([("chat-server, `--raw` (no e2e), plain WS", raw)]);
+        for (label, run) in rows {
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {} | {:.2} |{}",
-                s.label,
+                "| {label} | {:.0} | {} | {:.2} |{}",
                 run.msgs_per_sec,
                 same(run),
                 run.load,
                 ratio_cells(run.msgs_per_sec, &all)
             );
         }
-        let _ = writeln!(
-            md,
-            "| chat-server, `--raw` (no e2e), plain WS | {:.0} | {} | {:.2} |{}",
-            raw.msgs_per_sec,
-            same(raw),
-            raw.load,
-            ratio_cells(raw.msgs_per_sec, &all)
-        );
     }
 
     let _ = writeln!(
@@ -1076,33 +1086,20 @@ fn render(
         lossless,
     );
 
-    for (s, r) in systems.iter().zip(results) {
-        for run in [
-            &r.max,
-            &r.one_write,
-            &r.at50,
-            &r.at90,
-            &r.group,
-            &r.idle,
-            &r.connect,
-        ] {
-            if let Some(why) = &run.failed {
-                let _ = writeln!(md, "\nFailed ({}): `{}`: {why}", s.label, run.command);
-            }
+    let failed = systems
+        .iter()
+        .zip(results)
+        .flat_map(|(s, r)| r.runs().map(|run| (s.label, run)))
+        .chain(raw.iter().map(|run| (systems[0].label, run)));
+    for (label, run) in failed {
+        if let Some(why) = &run.failed {
+            let _ = writeln!(md, "\nFailed ({label}): `{}`: {why}", run.command);
         }
     }
     let _ = writeln!(md, "\n<details><summary>Commands of this run</summary>\n");
     for (s, r) in systems.iter().zip(results) {
         let _ = writeln!(md, "- {}:", s.label);
-        for run in [
-            &r.max,
-            &r.one_write,
-            &r.at50,
-            &r.at90,
-            &r.group,
-            &r.idle,
-            &r.connect,
-        ] {
+        for run in r.runs() {
             let _ = writeln!(md, "  - `{}`", run.command);
         }
     }
