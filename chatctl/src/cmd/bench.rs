@@ -102,7 +102,7 @@ pub enum Scenario {
         /// Most messages a sender writes with one syscall when the window allows several
         /// (with --rate: when several are due); 1 writes each message alone, as a person's
         /// client does.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = at_least_one)]
         batch: usize,
     },
     /// Fan-out: one sender, every message to M members (pairwise sessions for chat).
@@ -118,7 +118,7 @@ pub enum Scenario {
         /// Most messages a sender writes with one syscall when the window allows several
         /// (with --rate: when several are due); 1 writes each message alone, as a person's
         /// client does.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = at_least_one)]
         batch: usize,
     },
     /// Open C logged-in idle connections (one user, many sockets; matrix: one user per socket,
@@ -259,6 +259,14 @@ fn chat_options(args: &BenchArgs, home: &tempfile::TempDir) -> ClientOptions {
         ca: args.ca.clone(),
         home: home.path().to_owned(),
         directory_key: args.directory_key.clone(),
+    }
+}
+
+/// A count that must be at least 1 (`--batch`).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
     }
 }
 
@@ -504,6 +512,20 @@ async fn connect(args: &BenchArgs, concurrency: usize) -> Result<OpenResult> {
                 relay::RelayConn::connect(url, &format!("{tag}c{i}")).await
             })
             .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::at_least_one;
+
+    #[test]
+    fn batch_must_be_a_whole_number_of_at_least_one() {
+        assert_eq!(at_least_one("16"), Ok(16));
+        assert_eq!(at_least_one("1"), Ok(1));
+        for bad in ["0", "-1", "x", ""] {
+            assert!(at_least_one(bad).is_err(), "{bad:?} accepted");
         }
     }
 }
