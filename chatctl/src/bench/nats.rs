@@ -72,10 +72,8 @@ impl NatsConn {
     }
 
     async fn write(&mut self, bytes: Vec<u8>) -> Result<()> {
-        self.ws
-            .send(Message::Binary(bytes.into()))
-            .await
-            .context("cannot send to nats-server")
+        self.feed(bytes).await?;
+        self.flush().await
     }
 
     /// Queues `bytes` without writing them out (see [`NatsConn::flush`]).

@@ -179,9 +179,8 @@ pub struct RelayInbox(RelayConn);
 
 impl Outbox for RelayOutbox {
     async fn send(&mut self, body: Vec<u8>) -> Result<()> {
-        for i in 0..self.to.len() {
-            let dest = self.to[i].clone();
-            self.conn.queue_to(&dest, &body).await?;
+        for dest in &self.to {
+            self.conn.queue_to(dest, &body).await?;
             self.sent += 1;
         }
         Ok(())

@@ -104,10 +104,8 @@ impl XmppConn {
     }
 
     async fn write(&mut self, stanza: String) -> Result<()> {
-        self.ws
-            .send(Message::Text(stanza.into()))
-            .await
-            .context("cannot send to ejabberd")
+        self.feed(stanza).await?;
+        self.flush().await
     }
 
     /// Queues `stanza` without writing it out (see [`XmppConn::flush`]).

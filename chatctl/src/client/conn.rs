@@ -170,10 +170,8 @@ impl Connection {
     }
 
     pub async fn send(&mut self, frame: &ClientFrame) -> Result<()> {
-        self.ws
-            .send(Message::Binary(frame.encode().into()))
-            .await
-            .context("cannot send to the server")
+        self.feed(frame).await?;
+        self.flush().await
     }
 
     /// Queues `frame` in the socket's write buffer without writing it out: frames fed one after
