@@ -25,7 +25,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chacha20poly1305::aead::{Aead, AeadInPlace, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce};
-use rand_core::{CryptoRng, OsRng, RngCore};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{CryptoRng, OsRng, RngCore, SeedableRng};
 use zeroize::Zeroizing;
 
 use super::StoreError;
@@ -43,6 +44,25 @@ const TAG_LEN: usize = 16;
 
 /// The smallest possible sealed record: header, nonce and tag around an empty plaintext.
 pub const MIN_RECORD_LEN: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
+
+/// A random nonce for one record, from a ChaCha20 generator of the calling thread seeded once
+/// from the operating system. A nonce must never repeat under its key and need not be secret;
+/// 96 random bits from a cryptographic generator give that, as `OsRng` did, without its
+/// `getrandom` system call per record (2.5% of a loaded server's CPU, docs/BENCHMARKS.md,
+/// issue #8). Random rather than derived from the row: a torn batch is rewritten at the same
+/// offset with other contents, and a derived nonce would then repeat.
+fn fresh_nonce() -> [u8; NONCE_LEN] {
+    thread_local! {
+        static NONCES: std::cell::RefCell<ChaCha20Rng> = std::cell::RefCell::new({
+            let mut seed = Zeroizing::new([0u8; 32]);
+            OsRng.fill_bytes(seed.as_mut());
+            ChaCha20Rng::from_seed(*seed)
+        });
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    NONCES.with(|rng| rng.borrow_mut().fill_bytes(&mut nonce));
+    nonce
+}
 
 /// The logical tables a store keeps. Their names are part of every record's associated data,
 /// so they are the same in every backend and never change.
@@ -315,8 +335,7 @@ impl DataKeyRing {
         out: &mut Vec<u8>,
     ) -> Result<usize, StoreError> {
         let key = self.active();
-        let mut nonce = [0u8; NONCE_LEN];
-        OsRng.fill_bytes(&mut nonce);
+        let nonce = fresh_nonce();
         let header = header(key.id);
         let aad = associated_data(&header, table, slot);
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key.key.as_ref()));
@@ -441,6 +460,23 @@ mod tests {
         let a = keys.seal(Table::Accounts, &alice(), b"same").expect("seal");
         let b = keys.seal(Table::Accounts, &alice(), b"same").expect("seal");
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn threads_draw_different_nonces() {
+        // Each thread seeds its own generator: a fixed or shared seed would repeat nonces
+        // across the blocking pool's threads.
+        let nonce_of = |record: &[u8]| record[HEADER_LEN..HEADER_LEN + NONCE_LEN].to_vec();
+        let keys = std::sync::Arc::new(ring());
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let keys = keys.clone();
+            let record = std::thread::spawn(move || keys.seal(Table::Accounts, &alice(), b"x"))
+                .join()
+                .expect("thread")
+                .expect("seal");
+            assert!(seen.insert(nonce_of(&record)), "a thread repeated a nonce");
+        }
     }
 
     #[test]
