@@ -61,7 +61,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::seal::{DataKeyRing, Slot, Table};
+use super::seal::{DataKeyRing, MIN_RECORD_LEN, Slot, Table};
 use super::{AppendOutcome, AppendRequest, MailboxId, MessageId, StoreError, StoredMessage};
 
 /// The log file inside the data directory.
@@ -150,8 +150,12 @@ impl Mailbox {
     fn forget_beyond(&mut self, dedup_window: u64) {
         while self.acked.len() as u64 > dedup_window {
             if let Some((seq, id)) = self.acked.pop_front() {
-                if self.ids.get(&id) == Some(&seq) {
-                    self.ids.remove(&id);
+                // One lookup: the table is large (10 000 ids per busy mailbox) and each
+                // probe is likely a cache miss.
+                if let std::collections::hash_map::Entry::Occupied(known) = self.ids.entry(id) {
+                    if *known.get() == seq {
+                        known.remove();
+                    }
                 }
             }
         }
@@ -302,16 +306,36 @@ fn append_plain(
     id: &MessageId,
     record: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::with_capacity(1 + 2 + mailbox.username.len() + 4 + 8 + 16 + record.len());
-    put_mailbox(&mut out, KIND_APPEND, mailbox)?;
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(id);
-    out.extend_from_slice(record);
+    let mut out = Vec::with_capacity(append_plain_len(mailbox, record));
+    write_append(&mut out, mailbox, seq, id, record)?;
     Ok(out)
 }
 
+fn append_plain_len(mailbox: &MailboxId, record: &[u8]) -> usize {
+    1 + 2 + mailbox.username.len() + 4 + 8 + 16 + record.len()
+}
+
+/// Appends the plaintext of an append entry to `out`.
+fn write_append(
+    out: &mut Vec<u8>,
+    mailbox: &MailboxId,
+    seq: u64,
+    id: &MessageId,
+    record: &[u8],
+) -> Result<(), StoreError> {
+    put_mailbox(out, KIND_APPEND, mailbox)?;
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(id);
+    out.extend_from_slice(record);
+    Ok(())
+}
+
+fn ack_plain_len(mailbox: &MailboxId) -> usize {
+    1 + 2 + mailbox.username.len() + 4 + 8
+}
+
 fn ack_plain(mailbox: &MailboxId, up_to_seq: u64) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::with_capacity(1 + 2 + mailbox.username.len() + 4 + 8);
+    let mut out = Vec::with_capacity(ack_plain_len(mailbox));
     put_mailbox(&mut out, KIND_ACK, mailbox)?;
     out.extend_from_slice(&up_to_seq.to_be_bytes());
     Ok(out)
@@ -441,11 +465,19 @@ struct BatchWriter<'k> {
 
 impl<'k> BatchWriter<'k> {
     fn new(keys: &'k DataKeyRing, generation: u64, start: u64) -> Self {
+        Self::with_capacity(keys, generation, start, 0)
+    }
+
+    /// A batch whose buffer has room for about `bytes` of entries from the start, so that
+    /// building it does not copy it again each time it grows.
+    fn with_capacity(keys: &'k DataKeyRing, generation: u64, start: u64, bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(4 + bytes);
+        buf.extend_from_slice(&[0; 4]);
         BatchWriter {
             keys,
             generation,
             start,
-            buf: vec![0; 4],
+            buf,
         }
     }
 
@@ -455,16 +487,30 @@ impl<'k> BatchWriter<'k> {
 
     /// Seals and adds an entry; its offset and sealed length.
     fn push(&mut self, plain: &[u8]) -> Result<(u64, u32), StoreError> {
+        self.push_written(plain.len(), |out| {
+            out.extend_from_slice(plain);
+            Ok(())
+        })
+    }
+
+    /// [`BatchWriter::push`] of an entry whose plaintext (about `len_hint` bytes) `write`
+    /// appends to the batch itself, to be sealed there in place.
+    fn push_written(
+        &mut self,
+        len_hint: usize,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(u64, u32), StoreError> {
         let offset = self.start + self.buf.len() as u64;
         let at = self.buf.len();
         self.buf.extend_from_slice(&[0; 4]);
         let sealed_len = self
             .keys
-            .seal_into(
+            .seal_written(
                 Table::MailboxFile,
                 &entry_slot(self.generation, offset),
-                plain,
                 &mut self.buf,
+                len_hint,
+                write,
             )
             .and_then(|len| {
                 u32::try_from(len)
@@ -994,10 +1040,23 @@ impl MailboxLog {
         let file = Arc::clone(&index.file);
         let start = index.len;
         let allocated = index.allocated;
-        let mut batch = BatchWriter::new(keys, file.generation, start);
+        // Room for every entry up front (length prefix, sealing overhead, plaintext), so
+        // the batch is not copied again as it grows.
+        let entry = 4 + MIN_RECORD_LEN;
+        let room = acks
+            .iter()
+            .map(|a| entry + ack_plain_len(&a.mailbox))
+            .chain(
+                appends
+                    .iter()
+                    .map(|p| entry + append_plain_len(&p.request.mailbox, &p.request.record)),
+            )
+            .sum::<usize>();
+        let mut batch = BatchWriter::with_capacity(keys, file.generation, start, room);
         let mut ack_results = Vec::with_capacity(acks.len());
         let mut append_results = Vec::with_capacity(appends.len());
-        let mut written: Vec<(MailboxId, u64)> = Vec::new();
+        // (index into `appends`, seq) of each append written.
+        let mut written: Vec<(usize, u64)> = Vec::with_capacity(appends.len());
         let staged = (|| -> Result<(), StoreError> {
             for a in acks {
                 let removed = index.apply_ack(&a.mailbox, a.up_to_seq, self.dedup_window);
@@ -1006,7 +1065,7 @@ impl MailboxLog {
                 }
                 ack_results.push(Ok(removed));
             }
-            for p in appends {
+            for (i, p) in appends.iter().enumerate() {
                 let r = &p.request;
                 let (last_seq, depth, known) = match index.mailboxes.get(&r.mailbox) {
                     Some(m) => (m.last_seq, m.live.len() as u64, m.ids.get(&r.message_id)),
@@ -1027,8 +1086,10 @@ impl MailboxLog {
                             continue;
                         }
                     };
-                let (offset, sealed_len) =
-                    batch.push(&append_plain(&r.mailbox, seq, &r.message_id, &r.record)?)?;
+                let (offset, sealed_len) = batch
+                    .push_written(append_plain_len(&r.mailbox, &r.record), |out| {
+                        write_append(out, &r.mailbox, seq, &r.message_id, &r.record)
+                    })?;
                 index.remember_recent(offset, &r.record);
                 index.apply_append(
                     &r.mailbox,
@@ -1039,7 +1100,7 @@ impl MailboxLog {
                         sealed_len,
                     },
                 );
-                written.push((r.mailbox.clone(), seq));
+                written.push((i, seq));
                 append_results.push(Ok(AppendOutcome {
                     seq,
                     duplicate: false,
@@ -1077,8 +1138,8 @@ impl MailboxLog {
         if let Some(to) = grown {
             index.allocated = to;
         }
-        for (mailbox, seq) in written {
-            if let Some(m) = index.mailboxes.get_mut(&mailbox) {
+        for (i, seq) in written {
+            if let Some(m) = index.mailboxes.get_mut(&appends[i].request.mailbox) {
                 m.durable_seq = m.durable_seq.max(seq);
             }
         }

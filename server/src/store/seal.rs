@@ -334,17 +334,37 @@ impl DataKeyRing {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<usize, StoreError> {
+        self.seal_written(table, slot, out, plaintext.len(), |out| {
+            out.extend_from_slice(plaintext);
+            Ok(())
+        })
+    }
+
+    /// [`DataKeyRing::seal_into`] whose plaintext `write` appends to `out` itself (about
+    /// `len_hint` bytes), so it is never copied out of a buffer of its own. Should `write`
+    /// fail, `out` is left as it was.
+    pub fn seal_written(
+        &self,
+        table: Table,
+        slot: &Slot,
+        out: &mut Vec<u8>,
+        len_hint: usize,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<usize, StoreError> {
         let key = self.active();
         let nonce = fresh_nonce();
         let header = header(key.id);
         let aad = associated_data(&header, table, slot);
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key.key.as_ref()));
         let start = out.len();
-        out.reserve(MIN_RECORD_LEN + plaintext.len());
+        out.reserve(MIN_RECORD_LEN + len_hint);
         out.extend_from_slice(&header);
         out.extend_from_slice(&nonce);
         let body = out.len();
-        out.extend_from_slice(plaintext);
+        if let Err(e) = write(out) {
+            out.truncate(start);
+            return Err(e);
+        }
         match cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[body..]) {
             Ok(tag) => {
                 out.extend_from_slice(&tag);
@@ -460,6 +480,34 @@ mod tests {
         let a = keys.seal(Table::Accounts, &alice(), b"same").expect("seal");
         let b = keys.seal(Table::Accounts, &alice(), b"same").expect("seal");
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_plaintext_written_in_place_opens_and_a_failed_write_leaves_the_buffer_as_it_was() {
+        let keys = ring();
+        let mut out = b"before".to_vec();
+        let len = keys
+            .seal_written(Table::Accounts, &alice(), &mut out, 5, |out| {
+                out.extend_from_slice(b"hello");
+                Ok(())
+            })
+            .expect("seal");
+        assert_eq!(out.len(), 6 + len);
+        let opened = keys
+            .open(Table::Accounts, &alice(), &out[6..])
+            .expect("open");
+        assert_eq!(opened.as_slice(), b"hello");
+
+        let refused = keys.seal_written(Table::Accounts, &alice(), &mut out, 5, |out| {
+            out.extend_from_slice(b"half");
+            Err(StoreError::Backend("no".into()))
+        });
+        assert!(refused.is_err());
+        assert_eq!(
+            out.len(),
+            6 + len,
+            "a failed write must leave nothing behind"
+        );
     }
 
     #[test]
