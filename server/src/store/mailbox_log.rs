@@ -300,17 +300,6 @@ fn put_mailbox(out: &mut Vec<u8>, kind: u8, mailbox: &MailboxId) -> Result<(), S
     Ok(())
 }
 
-fn append_plain(
-    mailbox: &MailboxId,
-    seq: u64,
-    id: &MessageId,
-    record: &[u8],
-) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::with_capacity(append_plain_len(mailbox, record));
-    write_append(&mut out, mailbox, seq, id, record)?;
-    Ok(out)
-}
-
 fn append_plain_len(mailbox: &MailboxId, record: &[u8]) -> usize {
     1 + 2 + mailbox.username.len() + 4 + 8 + 16 + record.len()
 }
@@ -490,6 +479,19 @@ impl<'k> BatchWriter<'k> {
         self.push_written(plain.len(), |out| {
             out.extend_from_slice(plain);
             Ok(())
+        })
+    }
+
+    /// Seals and adds an append entry, its plaintext written straight into the batch.
+    fn push_append(
+        &mut self,
+        mailbox: &MailboxId,
+        seq: u64,
+        id: &MessageId,
+        record: &[u8],
+    ) -> Result<(u64, u32), StoreError> {
+        self.push_written(append_plain_len(mailbox, record), |out| {
+            write_append(out, mailbox, seq, id, record)
         })
     }
 
@@ -782,10 +784,28 @@ impl<'k> LogWriter<'k> {
     /// Adds an entry; its offset and sealed length in the new file.
     fn push(&mut self, plain: &[u8]) -> Result<(u64, u32), StoreError> {
         let at = self.batch.push(plain)?;
+        self.flush_if_full()?;
+        Ok(at)
+    }
+
+    /// Adds an append entry (see [`BatchWriter::push_append`]).
+    fn push_append(
+        &mut self,
+        mailbox: &MailboxId,
+        seq: u64,
+        id: &MessageId,
+        record: &[u8],
+    ) -> Result<(u64, u32), StoreError> {
+        let at = self.batch.push_append(mailbox, seq, id, record)?;
+        self.flush_if_full()?;
+        Ok(at)
+    }
+
+    fn flush_if_full(&mut self) -> Result<(), StoreError> {
         if self.batch.buf.len() >= MAX_BATCH_BYTES {
             self.flush()?;
         }
-        Ok(at)
+        Ok(())
     }
 
     /// Adds a mailbox's counters and remembered ids, then its unacked messages; where each of
@@ -794,12 +814,7 @@ impl<'k> LogWriter<'k> {
         self.push(&mailbox_plain(snapshot)?)?;
         let mut at = Vec::with_capacity(snapshot.live.len());
         for m in &snapshot.live {
-            at.push(self.push(&append_plain(
-                &snapshot.mailbox,
-                m.seq,
-                &m.message_id,
-                &m.record,
-            )?)?);
+            at.push(self.push_append(&snapshot.mailbox, m.seq, &m.message_id, &m.record)?);
         }
         Ok(at)
     }
@@ -1086,10 +1101,8 @@ impl MailboxLog {
                             continue;
                         }
                     };
-                let (offset, sealed_len) = batch
-                    .push_written(append_plain_len(&r.mailbox, &r.record), |out| {
-                        write_append(out, &r.mailbox, seq, &r.message_id, &r.record)
-                    })?;
+                let (offset, sealed_len) =
+                    batch.push_append(&r.mailbox, seq, &r.message_id, &r.record)?;
                 index.remember_recent(offset, &r.record);
                 index.apply_append(
                     &r.mailbox,

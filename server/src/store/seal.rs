@@ -321,28 +321,17 @@ impl DataKeyRing {
     /// Seals `plaintext` for row `slot` of `table` under the active key.
     pub fn seal(&self, table: Table, slot: &Slot, plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
         let mut record = Vec::with_capacity(MIN_RECORD_LEN + plaintext.len());
-        self.seal_into(table, slot, plaintext, &mut record)?;
+        self.seal_written(table, slot, &mut record, plaintext.len(), |out| {
+            out.extend_from_slice(plaintext);
+            Ok(())
+        })?;
         Ok(record)
     }
 
     /// [`DataKeyRing::seal`] that appends the record to `out` (encrypted in place, no buffer
-    /// of its own); returns the record's length.
-    pub fn seal_into(
-        &self,
-        table: Table,
-        slot: &Slot,
-        plaintext: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<usize, StoreError> {
-        self.seal_written(table, slot, out, plaintext.len(), |out| {
-            out.extend_from_slice(plaintext);
-            Ok(())
-        })
-    }
-
-    /// [`DataKeyRing::seal_into`] whose plaintext `write` appends to `out` itself (about
-    /// `len_hint` bytes), so it is never copied out of a buffer of its own. Should `write`
-    /// fail, `out` is left as it was.
+    /// of its own) and returns its length. The plaintext, about `len_hint` bytes, is what
+    /// `write` appends to `out` itself, so it is never copied out of a buffer of its own.
+    /// Should `write` fail, `out` is left as it was.
     pub fn seal_written(
         &self,
         table: Table,
