@@ -1,5 +1,5 @@
 //! `cargo xtask bench-peers [--duration 5s] [--latency-duration 15s] [--idle 10000] [--pairs 16]
-//! [--members 8]`: chat-server
+//! [--members 8] [--windows 16,64]`: chat-server
 //! beside the systems users would pick instead, measured by the same load generator
 //! (`chatctl bench --peer ...`) in one run, and the bare relay that is the limit.
 //!
@@ -15,6 +15,11 @@
 //! hard limit. Runs pairs (max, 50% and 90% of max), group, idle and connect against each and
 //! rewrites the `bench-peers` section of docs/BENCHMARKS.md. The two fixed-rate runs last
 //! `--latency-duration`: a p99 needs more samples than a throughput figure.
+//!
+//! A system's maximum depends on how many messages may be in flight: with too small a window
+//! the load generator waits on latency while the CPU idles. Each throughput point (pairs,
+//! `--batch 1`, group) is therefore run once per window of `--windows`, the same list for every
+//! system, and the fastest run is kept (a run that lost messages is kept whatever its speed).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -69,6 +74,8 @@ struct Options {
     idle: usize,
     pairs: usize,
     members: usize,
+    /// Windows (messages in flight per sender) each throughput point is tried with.
+    windows: Vec<usize>,
 }
 
 /// One system under test: how `chatctl bench` reaches it.
@@ -92,6 +99,8 @@ struct Run {
     p99_ms: f64,
     rss_per_connection: Option<f64>,
     load: f64,
+    /// The `--window` of the run, when [`best_window`] chose it.
+    window: Option<usize>,
     /// Why the run produced no figures.
     failed: Option<String>,
 }
@@ -130,6 +139,7 @@ pub fn run(args: &[String]) -> Result<()> {
         idle: 10_000,
         pairs: 16,
         members: 8,
+        windows: vec![16, 64],
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -140,6 +150,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--idle" => opts.idle = value()?.parse()?,
             "--pairs" => opts.pairs = value()?.parse()?,
             "--members" => opts.members = value()?.parse()?,
+            "--windows" => opts.windows = parse_windows(value()?)?,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -704,6 +715,7 @@ fn bench(chatctl: &Path, system: &System, common: &[&str], scenario: &[String]) 
         p99_ms: num("p99_ms").unwrap_or_default(),
         rss_per_connection: num("rss_per_connection"),
         load: num("load_average").unwrap_or_default(),
+        window: None,
         failed: None,
     };
     eprintln!(
@@ -746,9 +758,10 @@ fn measure(
     let pairs = vec!["pairs".to_owned(), "--pairs".into(), opts.pairs.to_string()];
     let mut results = Vec::new();
     for system in &systems {
+        let windows = &opts.windows;
         let mut r = Results {
-            max: bench(chatctl, system, &common, &pairs)?,
-            one_write: bench(chatctl, system, &common, &one_write(&pairs))?,
+            max: best_window(chatctl, system, &common, &pairs, windows)?,
+            one_write: best_window(chatctl, system, &common, &one_write(&pairs), windows)?,
             ..Results::default()
         };
         for (fraction, slot) in [(0.5, &mut r.at50), (0.9, &mut r.at90)] {
@@ -759,11 +772,12 @@ fn measure(
             ]);
             *slot = bench(chatctl, system, &latency_common, &scenario)?;
         }
-        r.group = bench(
+        r.group = best_window(
             chatctl,
             system,
             &common,
             &["group".into(), "--members".into(), opts.members.to_string()],
+            windows,
         )?;
         r.idle = bench(
             chatctl,
@@ -786,8 +800,14 @@ fn measure(
         p
     };
     let raw = [
-        bench(chatctl, &systems[0], &common, &raw_pairs)?,
-        bench(chatctl, &systems[0], &common, &one_write(&raw_pairs))?,
+        best_window(chatctl, &systems[0], &common, &raw_pairs, &opts.windows)?,
+        best_window(
+            chatctl,
+            &systems[0],
+            &common,
+            &one_write(&raw_pairs),
+            &opts.windows,
+        )?,
     ];
     let section = render(
         opts,
@@ -808,6 +828,51 @@ fn measure(
 }
 
 /// The same scenario with every message written alone.
+/// `16,64` -> [16, 64]: at least one window, each at least 1.
+fn parse_windows(list: &str) -> Result<Vec<usize>> {
+    let windows = list
+        .split(',')
+        .map(|w| match w.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!("--windows takes whole numbers of at least 1, like 16,64 (got {w:?})"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if windows.is_empty() {
+        bail!("--windows needs at least one window");
+    }
+    Ok(windows)
+}
+
+/// The fastest run of `scenario` over `windows` (each run with `--window W` added); a run that
+/// lost messages or failed is returned at once, so the table shows it.
+fn best_window(
+    chatctl: &Path,
+    system: &System,
+    common: &[&str],
+    scenario: &[String],
+    windows: &[usize],
+) -> Result<Run> {
+    let mut best: Option<Run> = None;
+    for window in windows {
+        let mut s = scenario.to_vec();
+        s.extend(["--window".into(), window.to_string()]);
+        let run = Run {
+            window: Some(*window),
+            ..bench(chatctl, system, common, &s)?
+        };
+        if run.failed.is_some() || run.sent != run.delivered {
+            return Ok(run);
+        }
+        if best
+            .as_ref()
+            .is_none_or(|b| run.msgs_per_sec > b.msgs_per_sec)
+        {
+            best = Some(run);
+        }
+    }
+    best.context("--windows is empty")
+}
+
 fn one_write(scenario: &[String]) -> Vec<String> {
     let mut s = scenario.to_vec();
     s.extend(["--batch".into(), "1".into()]);
@@ -858,13 +923,14 @@ fn render(
     let _ = writeln!(
         md,
         "Command: `cargo xtask bench-peers --duration {} --latency-duration {} --idle {} --pairs {} \
-         --members {}` ({:.0} s in all; load average {load_start:.2} at the start, {load_end:.2} \
+         --members {} --windows {}` ({:.0} s in all; load average {load_start:.2} at the start, {load_end:.2} \
          at the end; 2 shared cores, every server and the load generator on the same machine, \
          loopback). Short runs ({} per point, {} per fixed-rate latency point): treat \
          differences under ~15% as noise. Every row is one \
-         `chatctl bench --json` run; the load generator, payloads (256 bytes) and window \
-         ({} pairs, 16 undelivered messages per sender) are the same for every system. \
-         Senders pipeline: what the window allows (or, at a fixed rate, what is due) leaves in \
+         `chatctl bench --json` run; the load generator, payloads (256 bytes), {} pairs and \
+         windows are the same for every system: each throughput point was run with a window \
+         (undelivered messages per sender) of {} and the faster run is shown, its window in the \
+         `window` column. Senders pipeline: what the window allows (or, at a fixed rate, what is due) leaves in \
          one write of up to 16 messages; the second throughput table writes each message \
          alone (`--batch 1`). Ratios are row ÷ column (higher is better for rates, lower for latency and memory).",
         opts.duration,
@@ -872,10 +938,12 @@ fn render(
         opts.idle,
         opts.pairs,
         opts.members,
+        windows_arg(&opts.windows),
         took.as_secs_f64(),
         opts.duration,
         opts.latency_duration,
         opts.pairs,
+        windows_text(&opts.windows),
     );
     let col = |f: &dyn Fn(&Results) -> f64| results.iter().map(f).collect::<Vec<_>>();
 
@@ -896,8 +964,11 @@ fn render(
             "\n**1:1 throughput, {title}** (`pairs --pairs {}`)\n",
             opts.pairs
         );
-        let _ = writeln!(md, "| system | msgs/s | sent = delivered | load |{names}");
-        let _ = writeln!(md, "|---|---|---|---|{rule}");
+        let _ = writeln!(
+            md,
+            "| system | msgs/s | window | sent = delivered | load |{names}"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|{rule}");
         let all = col(&|r| pick(r).msgs_per_sec);
         let rows = systems
             .iter()
@@ -907,8 +978,9 @@ fn render(
         for (label, run) in rows {
             let _ = writeln!(
                 md,
-                "| {label} | {:.0} | {} | {:.2} |{}",
+                "| {label} | {:.0} | {} | {} | {:.2} |{}",
                 run.msgs_per_sec,
+                window_cell(run),
                 same(run),
                 run.load,
                 ratio_cells(run.msgs_per_sec, &all)
@@ -956,16 +1028,17 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "| system | deliveries/s | p50 ms | p99 ms | sent = delivered |{names}"
+        "| system | deliveries/s | window | p50 ms | p99 ms | sent = delivered |{names}"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|{rule}");
+    let _ = writeln!(md, "|---|---|---|---|---|---|{rule}");
     let all = col(&|r| r.group.msgs_per_sec);
     for (s, r) in systems.iter().zip(results) {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.2} | {:.2} | {} |{}",
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {} |{}",
             s.label,
             r.group.msgs_per_sec,
+            window_cell(&r.group),
             r.group.p50_ms,
             r.group.p99_ms,
             same(&r.group),
@@ -1111,6 +1184,30 @@ fn render(
     md
 }
 
+fn window_cell(r: &Run) -> String {
+    r.window.map_or_else(|| "–".into(), |w| w.to_string())
+}
+
+/// `16,64` as given on the command line.
+fn windows_arg(windows: &[usize]) -> String {
+    windows
+        .iter()
+        .map(|w| w.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `16 and 64` (or `16, 32 and 64`) for prose.
+fn windows_text(windows: &[usize]) -> String {
+    match windows.split_last() {
+        Some((last, rest)) if !rest.is_empty() => {
+            let rest: Vec<String> = rest.iter().map(|w| w.to_string()).collect();
+            format!("{} and {last}", rest.join(", "))
+        }
+        _ => windows_arg(windows),
+    }
+}
+
 fn same(r: &Run) -> &'static str {
     if r.sent == r.delivered && r.sent > 0.0 {
         "yes"
@@ -1122,6 +1219,19 @@ fn same(r: &Run) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_parse_from_a_list_and_refuse_zero_or_junk() {
+        assert_eq!(parse_windows("16,64").expect("a list"), vec![16, 64]);
+        assert_eq!(parse_windows(" 8 ").expect("one window"), vec![8]);
+        for bad in ["", "0", "16,", "16,x", "-4"] {
+            assert!(parse_windows(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(windows_arg(&[16, 64]), "16,64");
+        assert_eq!(windows_text(&[16, 64]), "16 and 64");
+        assert_eq!(windows_text(&[8, 16, 64]), "8, 16 and 64");
+        assert_eq!(windows_text(&[16]), "16");
+    }
 
     #[test]
     fn reads_numbers_of_flat_json() {

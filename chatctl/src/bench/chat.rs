@@ -209,6 +209,13 @@ pub async fn flows(
             if got.len() != 1 {
                 bail!("the warm-up message to {} did not arrive", receiver.name);
             }
+            // A reply completes the handshake, as in any conversation: until the sender has
+            // heard back, each of its messages carries the X3DH header (about 170 bytes).
+            receiver.send_text(&sender.name, "warm-up reply").await?;
+            let got = sender.receive(Duration::from_millis(300)).await?;
+            if got.len() != 1 {
+                bail!("the warm-up reply from {} did not arrive", receiver.name);
+            }
             let session = if raw {
                 None
             } else {
