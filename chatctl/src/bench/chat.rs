@@ -179,7 +179,8 @@ async fn register_all(opts: &ClientOptions, names: Vec<String>) -> Result<Vec<Cl
 }
 
 /// Registers `senders` senders with `fanout` receivers each, sets up every session with one
-/// real (directory-checked) message, and hands out the flows.
+/// real (directory-checked) message and a reply, and hands out the flows. Flows are set up
+/// concurrently: each waits out the receive timeouts of its own warm-ups.
 pub async fn flows(
     opts: &ClientOptions,
     senders: usize,
@@ -196,66 +197,83 @@ pub async fn flows(
         }
     }
     let mut clients = register_all(opts, names).await?.into_iter();
-    let mut out = Vec::new();
-    for _ in 0..senders {
-        let mut sender = clients.next().ok_or_else(|| anyhow!("missing sender"))?;
-        let mut receivers: Vec<Client> = clients.by_ref().take(fanout).collect();
-        bar.set_message(format!("setting up sessions of {}", sender.name));
-        let mut to = Vec::new();
-        let mut inboxes = Vec::new();
-        for receiver in &mut receivers {
-            sender.send_text(&receiver.name, "warm-up").await?;
-            let got = receiver.receive(Duration::from_millis(300)).await?;
-            if got.len() != 1 {
-                bail!("the warm-up message to {} did not arrive", receiver.name);
-            }
-            // A reply completes the handshake, as in any conversation: until the sender has
-            // heard back, each of its messages carries the X3DH header (about 170 bytes).
-            receiver.send_text(&sender.name, "warm-up reply").await?;
-            let got = sender.receive(Duration::from_millis(300)).await?;
-            if got.len() != 1 {
-                bail!("the warm-up reply from {} did not arrive", receiver.name);
-            }
-            let session = if raw {
-                None
-            } else {
-                Some(
-                    sender
-                        .load_session(&receiver.name, DEVICE_ID)?
-                        .ok_or_else(|| anyhow!("no session after warm-up"))?,
-                )
-            };
-            to.push((receiver.name.clone(), session));
-        }
-        for receiver in receivers {
-            let session = if raw {
-                None
-            } else {
-                Some(
-                    receiver
-                        .load_session(&sender.name, DEVICE_ID)?
-                        .ok_or_else(|| anyhow!("no session after warm-up"))?,
-                )
-            };
-            inboxes.push(ChatInbox {
-                client: receiver,
-                session,
-                last_acked: 0,
-            });
-        }
-        out.push(Flow {
-            outbox: ChatOutbox {
-                client: sender,
-                to,
-                unacked: 0,
-                acked: 0,
-                ids: MessageIds::new(),
-            },
-            inboxes,
-        });
+    bar.set_message(format!("setting up the sessions of {senders} senders"));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..senders {
+        let sender = clients.next().ok_or_else(|| anyhow!("missing sender"))?;
+        let receivers: Vec<Client> = clients.by_ref().take(fanout).collect();
+        tasks.spawn(async move { (i, set_up_flow(sender, receivers, raw).await) });
+    }
+    let mut out: Vec<Option<Flow<ChatOutbox, ChatInbox>>> = (0..senders).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        let (i, flow) = done.context("setting up a flow panicked")?;
+        out[i] = Some(flow?);
     }
     bar.finish_and_clear();
-    Ok(out)
+    out.into_iter()
+        .map(|f| f.ok_or_else(|| anyhow!("a flow is missing")))
+        .collect()
+}
+
+/// One flow: a warm-up message from the sender to each receiver and a reply back, then the
+/// sessions both ends hold (none when `raw`).
+async fn set_up_flow(
+    mut sender: Client,
+    mut receivers: Vec<Client>,
+    raw: bool,
+) -> Result<Flow<ChatOutbox, ChatInbox>> {
+    let mut to = Vec::new();
+    let mut inboxes = Vec::new();
+    for receiver in &mut receivers {
+        sender.send_text(&receiver.name, "warm-up").await?;
+        let got = receiver.receive(Duration::from_millis(300)).await?;
+        if got.len() != 1 {
+            bail!("the warm-up message to {} did not arrive", receiver.name);
+        }
+        // A reply completes the handshake, as in any conversation: until the sender has heard
+        // back, each of its messages carries the X3DH header (about 170 bytes).
+        receiver.send_text(&sender.name, "warm-up reply").await?;
+        let got = sender.receive(Duration::from_millis(300)).await?;
+        if got.len() != 1 {
+            bail!("the warm-up reply from {} did not arrive", receiver.name);
+        }
+        let session = if raw {
+            None
+        } else {
+            Some(
+                sender
+                    .load_session(&receiver.name, DEVICE_ID)?
+                    .ok_or_else(|| anyhow!("no session after warm-up"))?,
+            )
+        };
+        to.push((receiver.name.clone(), session));
+    }
+    for receiver in receivers {
+        let session = if raw {
+            None
+        } else {
+            Some(
+                receiver
+                    .load_session(&sender.name, DEVICE_ID)?
+                    .ok_or_else(|| anyhow!("no session after warm-up"))?,
+            )
+        };
+        inboxes.push(ChatInbox {
+            client: receiver,
+            session,
+            last_acked: 0,
+        });
+    }
+    Ok(Flow {
+        outbox: ChatOutbox {
+            client: sender,
+            to,
+            unacked: 0,
+            acked: 0,
+            ids: MessageIds::new(),
+        },
+        inboxes,
+    })
 }
 
 /// A registered user whose keys can log in on any number of sockets.
