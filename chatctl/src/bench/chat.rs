@@ -237,27 +237,11 @@ async fn set_up_flow(
         if got.len() != 1 {
             bail!("the warm-up reply from {} did not arrive", receiver.name);
         }
-        let session = if raw {
-            None
-        } else {
-            Some(
-                sender
-                    .load_session(&receiver.name, DEVICE_ID)?
-                    .ok_or_else(|| anyhow!("no session after warm-up"))?,
-            )
-        };
+        let session = session_with(&sender, &receiver.name, raw)?;
         to.push((receiver.name.clone(), session));
     }
     for receiver in receivers {
-        let session = if raw {
-            None
-        } else {
-            Some(
-                receiver
-                    .load_session(&sender.name, DEVICE_ID)?
-                    .ok_or_else(|| anyhow!("no session after warm-up"))?,
-            )
-        };
+        let session = session_with(&receiver, &sender.name, raw)?;
         inboxes.push(ChatInbox {
             client: receiver,
             session,
@@ -274,6 +258,17 @@ async fn set_up_flow(
         },
         inboxes,
     })
+}
+
+/// The session `client` holds with `peer` after the warm-up (`None` when `raw`).
+fn session_with(client: &Client, peer: &str, raw: bool) -> Result<Option<Session>> {
+    if raw {
+        return Ok(None);
+    }
+    client
+        .load_session(peer, DEVICE_ID)?
+        .map(Some)
+        .ok_or_else(|| anyhow!("no session with {peer} after the warm-up"))
 }
 
 /// A registered user whose keys can log in on any number of sockets.
