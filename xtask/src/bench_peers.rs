@@ -827,7 +827,6 @@ fn measure(
     )
 }
 
-/// The same scenario with every message written alone.
 /// `16,64` -> [16, 64]: at least one window, each at least 1.
 fn parse_windows(list: &str) -> Result<Vec<usize>> {
     let windows = list
@@ -873,6 +872,7 @@ fn best_window(
     best.context("--windows is empty")
 }
 
+/// The same scenario with every message written alone.
 fn one_write(scenario: &[String]) -> Vec<String> {
     let mut s = scenario.to_vec();
     s.extend(["--batch".into(), "1".into()]);
