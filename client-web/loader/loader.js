@@ -94,12 +94,22 @@ const kvPut = (key, value) => kv('readwrite', (s) => s.put(value, key));
 
 // ---- fetching ----
 
+// A fetch that fails before any response arrives (a dropped connection) is tried again, up to
+// FETCH_ATTEMPTS in all: a network blip is not a refused release. An HTTP error is refused at
+// once, and every byte fetched is still checked against the signed manifest.
+const FETCH_ATTEMPTS = 3;
+
 async function fetchBytes(path) {
   let response;
-  try {
-    response = await fetch(path, { cache: 'no-store', headers: VERIFY_HEADER, credentials: 'omit', redirect: 'error' });
-  } catch (e) {
-    throw new Refusal('missing-file', `${path}: ${e.message}`);
+  for (let attempt = 1; !response; attempt++) {
+    try {
+      response = await fetch(path, { cache: 'no-store', headers: VERIFY_HEADER, credentials: 'omit', redirect: 'error' });
+    } catch (e) {
+      if (attempt >= FETCH_ATTEMPTS) {
+        throw new Refusal('missing-file', `${path}: ${e.message} (${attempt} attempts)`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+    }
   }
   if (!response.ok) throw new Refusal('missing-file', `${path}: HTTP ${response.status}`);
   return new Uint8Array(await response.arrayBuffer());
