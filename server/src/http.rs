@@ -52,9 +52,9 @@ pub async fn route(
         "/readyz" if node.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(
-                node.metrics.render(!node.is_draining()),
-            )));
+            let mut body = node.metrics.render(!node.is_draining());
+            node.store.render_metrics(&mut body);
+            let mut response = Response::new(Full::new(Bytes::from(body)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

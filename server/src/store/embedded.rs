@@ -530,6 +530,34 @@ impl Store for EmbeddedStore {
     async fn next_seq(&self, mailbox: &MailboxId) -> Result<u64, StoreError> {
         self.inner.mailboxes.next_seq(mailbox)
     }
+
+    fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        let log = &self.inner.mailboxes;
+        for (name, help, value) in [
+            (
+                "chatapp_store_commits_total",
+                "Group commits of the mailbox log (one write and one fdatasync each).",
+                log.commits.load(Relaxed),
+            ),
+            (
+                "chatapp_store_committed_entries_total",
+                "Appends and acks written by group commits (entries / commits = batch size).",
+                log.committed_entries.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        log.disk_latency.render(
+            out,
+            "chatapp_store_disk_seconds",
+            "Time the disk took for each group commit's write and fdatasync.",
+        );
+    }
 }
 
 fn committer_stopped() -> StoreError {
@@ -690,6 +718,48 @@ mod tests {
             .await
             .expect("open");
         (dir, keys, store)
+    }
+
+    /// One number of the store's Prometheus text.
+    fn metric(text: &str, name: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
+    #[tokio::test]
+    async fn metrics_count_group_commits_their_entries_and_the_disk_time_of_each() {
+        let (_dir, _keys, store) = opened().await;
+        let mailbox = MailboxId::new("bob", 1);
+        let mut before = String::new();
+        store.render_metrics(&mut before);
+        assert_eq!(metric(&before, "chatapp_store_commits_total"), 0);
+
+        // Three appends in one call go into one group commit; a duplicate writes nothing.
+        let requests = (1..=3u8)
+            .map(|n| AppendRequest {
+                mailbox: mailbox.clone(),
+                message_id: [n; 16],
+                record: vec![n; 40],
+                max_depth: 10,
+            })
+            .collect();
+        for outcome in store.append_many(requests).await {
+            outcome.expect("append");
+        }
+        store
+            .append(&mailbox, [1; 16], vec![1; 40], 10)
+            .await
+            .expect("duplicate");
+        assert_eq!(store.ack(&mailbox, 2).await.expect("ack"), 2);
+
+        let mut text = String::new();
+        store.render_metrics(&mut text);
+        let commits = metric(&text, "chatapp_store_commits_total");
+        assert_eq!(commits, 2, "the appends and the ack: {text}");
+        assert_eq!(metric(&text, "chatapp_store_committed_entries_total"), 4);
+        assert_eq!(metric(&text, "chatapp_store_disk_seconds_count"), commits);
+        assert!(text.contains("# TYPE chatapp_store_disk_seconds histogram"));
     }
 
     #[tokio::test]

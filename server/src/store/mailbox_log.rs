@@ -59,7 +59,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::metrics::Histogram;
 
 use super::seal::{DataKeyRing, MIN_RECORD_LEN, Slot, Table};
 use super::{AppendOutcome, AppendRequest, MailboxId, MessageId, StoreError, StoredMessage};
@@ -273,6 +277,11 @@ pub(super) struct MailboxLog {
     write_gate: Mutex<()>,
     /// A compaction is running (at most one at a time).
     compacting: std::sync::atomic::AtomicBool,
+    /// Each group commit's `pwrite` + `fdatasync`: what the disk adds to every send.
+    pub(super) disk_latency: Histogram,
+    /// Entries (appends and acks) written by group commits, and the commits themselves.
+    pub(super) committed_entries: AtomicU64,
+    pub(super) commits: AtomicU64,
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> StoreError {
@@ -930,6 +939,9 @@ impl MailboxLog {
             queue: Mutex::new(WriteQueue::default()),
             write_gate: Mutex::new(()),
             compacting: std::sync::atomic::AtomicBool::new(false),
+            disk_latency: Histogram::default(),
+            committed_entries: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
         })
     }
 
@@ -1072,11 +1084,13 @@ impl MailboxLog {
         let mut append_results = Vec::with_capacity(appends.len());
         // (index into `appends`, seq) of each append written.
         let mut written: Vec<(usize, u64)> = Vec::with_capacity(appends.len());
+        let mut ack_entries = 0usize;
         let staged = (|| -> Result<(), StoreError> {
             for a in acks {
                 let removed = index.apply_ack(&a.mailbox, a.up_to_seq, self.dedup_window);
                 if removed > 0 {
                     batch.push(&ack_plain(&a.mailbox, a.up_to_seq)?)?;
+                    ack_entries += 1;
                 }
                 ack_results.push(Ok(removed));
             }
@@ -1135,12 +1149,14 @@ impl MailboxLog {
         let end = start + bytes.len() as u64;
         let grown =
             (end > allocated).then(|| end.div_ceil(PREALLOCATE) * PREALLOCATE + PREALLOCATE);
+        let disk = Instant::now();
         let wrote = grown
             .map_or(Ok(()), |to| {
                 file.file.write_all_at(&vec![0u8; (to - end) as usize], end)
             })
             .and_then(|()| file.file.write_all_at(&bytes, start))
             .and_then(|()| file.file.sync_data());
+        self.disk_latency.observe(disk.elapsed());
         let mut index = lock(&self.index);
         if let Err(e) = wrote {
             let path = self.dir.join(LOG_FILE);
@@ -1151,6 +1167,9 @@ impl MailboxLog {
         if let Some(to) = grown {
             index.allocated = to;
         }
+        self.commits.fetch_add(1, Relaxed);
+        self.committed_entries
+            .fetch_add((ack_entries + written.len()) as u64, Relaxed);
         for (i, seq) in written {
             if let Some(m) = index.mailboxes.get_mut(&appends[i].request.mailbox) {
                 m.durable_seq = m.durable_seq.max(seq);

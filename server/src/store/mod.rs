@@ -224,4 +224,8 @@ pub trait Store: Send + Sync {
     async fn depth(&self, mailbox: &MailboxId) -> Result<u64, StoreError>;
     /// The seq the next new message will get (1 for an empty, never-used mailbox).
     async fn next_seq(&self, mailbox: &MailboxId) -> Result<u64, StoreError>;
+
+    /// Metrics of the store itself, appended to `/metrics` in Prometheus text (the embedded
+    /// store: its group commits and how long the disk takes to make each durable).
+    fn render_metrics(&self, _out: &mut String) {}
 }
