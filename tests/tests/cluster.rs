@@ -120,6 +120,21 @@ impl Project {
 
 impl Drop for Project {
     fn drop(&mut self) {
+        // A failed test takes its containers down with it: keep what they logged first.
+        if std::thread::panicking() {
+            for id in self.labelled("container") {
+                if let Ok(out) = Command::new("docker")
+                    .args(["logs", "--timestamps", "--tail", "400", &id])
+                    .output()
+                {
+                    eprintln!(
+                        "--- docker logs {id} (last 400 lines)\n{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        }
         let _ = self.chatctl(&["down", "--volumes"]);
     }
 }
