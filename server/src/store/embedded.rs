@@ -856,7 +856,11 @@ mod tests {
         assert_eq!(values.len(), 1 + 2 + 1 + 2);
         for value in values {
             assert!(value.len() >= super::super::seal::MIN_RECORD_LEN);
-            assert_eq!(&value[..5], &[1, 0, 0, 0, 1], "version 1, key id 1");
+            assert_eq!(
+                &value[..5],
+                &[super::super::seal::RECORD_VERSION, 0, 0, 0, 1],
+                "the current record version, key id 1"
+            );
         }
         // The mailboxes are in the log, not in tables.
         assert!(matches!(
@@ -1111,7 +1115,7 @@ mod tests {
         drop(store);
         let mut bytes = std::fs::read(log_path(&dir)).expect("read");
         // Flip a byte inside the first batch's sealed entry. The header is 16 bytes, a
-        // length and the sealed check entry: 4 + 33 + 19.
+        // length and the sealed check entry: 4 + sealing overhead + 19.
         let first_batch = 16 + 4 + super::super::seal::MIN_RECORD_LEN + 19;
         bytes[first_batch + 4 + 4 + 30] ^= 0x55;
         std::fs::write(log_path(&dir), &bytes).expect("write");
