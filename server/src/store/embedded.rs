@@ -1189,6 +1189,33 @@ mod tests {
         check_compacted(&store, &a, &b).await;
     }
 
+    #[tokio::test]
+    async fn a_reopened_log_counts_only_its_live_part_towards_the_next_compaction() {
+        let (dir, keys, store) = opened().await;
+        let (a, b) = (MailboxId::new("ann", 1), MailboxId::new("ben", 2));
+        append_n(&store, &a, 1..101).await;
+        append_n(&store, &b, 1..11).await;
+        assert_eq!(store.ack(&a, 95).await.expect("ack"), 95);
+        drop(store);
+        let file = std::fs::metadata(log_path(&dir)).expect("log").len();
+
+        let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
+        let live = store.inner.mailboxes.snapshot_len();
+        // Mostly acked: the live part is a small share of the file, not all of it.
+        assert!(live * 4 < file, "live {live} of {file} bytes");
+        // And it is what a compaction writes (give or take its batch headers).
+        store
+            .inner
+            .mailboxes
+            .compact_now(&store.inner.keys)
+            .expect("compact");
+        let written = std::fs::metadata(log_path(&dir)).expect("log").len();
+        assert!(
+            live <= written && written - live <= 16,
+            "estimated {live}, compaction wrote {written}"
+        );
+    }
+
     async fn check_compacted(store: &EmbeddedStore, a: &MailboxId, b: &MailboxId) {
         assert_eq!(
             ids_in(store, a).await,
