@@ -231,6 +231,43 @@ async fn acked_ids_beyond_the_dedup_window_are_forgotten_oldest_first() {
     assert_eq!((forgotten.seq, forgotten.duplicate), (5, false));
 }
 
+/// An instance appended a message and crashed before it marked the id committed. The
+/// message was then delivered and acked. The sender's resend takes the stale claim over, and
+/// it must find the id among the remembered acked ids, not store the message again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resend_after_a_crashed_append_that_was_since_acked_is_a_duplicate() {
+    let server = NatsServer::start();
+    let store = NatsStore::connect(
+        &server.url(),
+        DataKeyRing::generate(&mut OsRng),
+        NatsOptions::default(),
+    )
+    .await
+    .expect("connect");
+    let mb = MailboxId::new("vic", 1);
+    store
+        .append(&mb, [1; 16], vec![1], 10)
+        .await
+        .expect("first");
+    let seq = store
+        .append_then_crash(&mb, [2; 16], &[2])
+        .await
+        .expect("append, then crash");
+    assert_eq!(seq, 2);
+    assert_eq!(store.ack(&mb, 2).await.expect("ack"), 2);
+
+    let resend = store
+        .append(&mb, [2; 16], vec![2], 10)
+        .await
+        .expect("resend");
+    assert_eq!((resend.seq, resend.duplicate), (2, true));
+    assert!(
+        store.fetch(&mb, 0, 10).await.expect("fetch").is_empty(),
+        "nothing is stored a second time"
+    );
+    assert_eq!(store.next_seq(&mb).await.expect("next"), 3);
+}
+
 /// Not a benchmark: prints the latency of one mailbox append so runs can be compared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_latency_is_reported() {

@@ -45,9 +45,10 @@
 //!   `CHATAPP_MSGIDS` (expected subject sequence 0) with seq 0 ("pending"); after the append the
 //!   claim is replaced by the seq. A resend finds the seq and is answered as a duplicate; a
 //!   concurrent resend waits for the pending claim; a claim left pending by a crashed instance is
-//!   taken over after [`CLAIM_STALE`], after looking for the id in the live log; a claim whose
-//!   append failed is given up as stale at once (the append may have landed), never deleted,
-//!   so its resend takes it over the same way. Acked ids go to
+//!   taken over after [`CLAIM_STALE`], after looking for the id in the live log and among the
+//!   remembered acked ids (the message may have landed, been delivered and been acked since); a
+//!   claim whose append failed is given up as stale at once (the append may have landed), never
+//!   deleted, so its resend takes it over the same way. Acked ids go to
 //!   the `acked` ring and are forgotten oldest first beyond the duplicate window, like the
 //!   embedded store. (JetStream's own `Nats-Msg-Id` window is only time-based, so it is not used.)
 
@@ -657,11 +658,18 @@ impl NatsStore {
         for _ in 0..MAX_RETRIES {
             let tail = self.tail(mailbox).await?;
             if taken_over {
-                // The crashed claimer may have appended before it died.
+                // The crashed claimer may have appended before it died, and the message may
+                // since have been delivered and acked: look in the live log, then among the
+                // remembered acked ids (looking in the live log alone stored such a message a
+                // second time, seen in the chaos soak).
                 let live = self.live(mailbox, &tail, 0, usize::MAX, 1).await?;
-                if let Some((_, found)) = live.iter().find(|(_, m)| m.message_id == message_id) {
+                let found = match live.iter().find(|(_, m)| m.message_id == message_id) {
+                    Some((_, m)) => Some(m.seq),
+                    None => self.remembered_seq(mailbox, &message_id).await?,
+                };
+                if let Some(seq) = found {
                     return Ok(AppendOutcome {
-                        seq: found.seq,
+                        seq,
                         duplicate: true,
                     });
                 }
@@ -778,6 +786,53 @@ impl NatsStore {
             )
             .await?;
         Ok(())
+    }
+
+    /// The seq of `message_id` if the mailbox's ring of acked ids remembers it (a scan of the
+    /// ring, at most the duplicate window: only a claim takeover, after a crash, asks).
+    async fn remembered_seq(
+        &self,
+        mailbox: &MailboxId,
+        message_id: &MessageId,
+    ) -> Result<Option<u64>, StoreError> {
+        let ring = acked_subject(mailbox);
+        let mut cursor = 1u64;
+        while let Some(message) = self.first_from(&self.inner.mailbox, &ring, cursor).await? {
+            cursor = message.sequence + 1;
+            let seq: u64 = header_value(&message, SEQ_HEADER)?
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("{ring}: bad {SEQ_HEADER}")))?;
+            let id = self.keys().open(
+                Table::MailboxAcked,
+                &mailbox_slot(mailbox).u64(seq),
+                &message.payload,
+            )?;
+            if id.as_slice() == message_id.as_slice() {
+                return Ok(Some(seq));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Test support: what an instance that crashed in the middle of an append leaves behind.
+    /// The message is in the log, but its id's claim is still pending. The claim is then
+    /// marked stale, as one left by a crashed instance becomes after [`CLAIM_STALE`], so
+    /// the next append of the id takes it over. Returns the message's seq.
+    #[doc(hidden)]
+    pub async fn append_then_crash(
+        &self,
+        mailbox: &MailboxId,
+        message_id: MessageId,
+        record: &[u8],
+    ) -> Result<u64, StoreError> {
+        let Ok((claim, _)) = self.claim(mailbox, &message_id).await? else {
+            return Err(StoreError::Backend("the id is already committed".into()));
+        };
+        let outcome = self
+            .append_claimed(mailbox, message_id, record, u64::MAX, false)
+            .await?;
+        self.abandon_claim(mailbox, &message_id, claim).await?;
+        Ok(outcome.seq)
     }
 
     /// Remembers the acked messages in the ring and forgets the oldest beyond the window.
