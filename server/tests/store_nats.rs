@@ -206,9 +206,7 @@ async fn acked_ids_beyond_the_dedup_window_are_forgotten_oldest_first() {
         dedup_window: 2,
         ..NatsOptions::default()
     };
-    let store = NatsStore::connect(&server.url(), DataKeyRing::generate(&mut OsRng), options)
-        .await
-        .expect("connect");
+    let store = connect(&server, options).await;
     let mb = MailboxId::new("uma", 1);
     for n in 1..=4u8 {
         store
@@ -231,19 +229,20 @@ async fn acked_ids_beyond_the_dedup_window_are_forgotten_oldest_first() {
     assert_eq!((forgotten.seq, forgotten.duplicate), (5, false));
 }
 
+/// A store on `server` with a fresh data key.
+async fn connect(server: &NatsServer, options: NatsOptions) -> NatsStore {
+    NatsStore::connect(&server.url(), DataKeyRing::generate(&mut OsRng), options)
+        .await
+        .expect("connect")
+}
+
 /// An instance appended a message and crashed before it marked the id committed. The
 /// message was then delivered and acked. The sender's resend takes the stale claim over, and
 /// it must find the id among the remembered acked ids, not store the message again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_resend_after_a_crashed_append_that_was_since_acked_is_a_duplicate() {
     let server = NatsServer::start();
-    let store = NatsStore::connect(
-        &server.url(),
-        DataKeyRing::generate(&mut OsRng),
-        NatsOptions::default(),
-    )
-    .await
-    .expect("connect");
+    let store = connect(&server, NatsOptions::default()).await;
     let mb = MailboxId::new("vic", 1);
     store
         .append(&mb, [1; 16], vec![1], 10)

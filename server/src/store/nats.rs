@@ -799,19 +799,34 @@ impl NatsStore {
         let mut cursor = 1u64;
         while let Some(message) = self.first_from(&self.inner.mailbox, &ring, cursor).await? {
             cursor = message.sequence + 1;
-            let seq: u64 = header_value(&message, SEQ_HEADER)?
-                .parse()
-                .map_err(|_| StoreError::Corrupt(format!("{ring}: bad {SEQ_HEADER}")))?;
-            let id = self.keys().open(
-                Table::MailboxAcked,
-                &mailbox_slot(mailbox).u64(seq),
-                &message.payload,
-            )?;
-            if id.as_slice() == message_id.as_slice() {
+            let (seq, id) = self.open_acked(mailbox, &ring, &message)?;
+            if id == *message_id {
                 return Ok(Some(seq));
             }
         }
         Ok(None)
+    }
+
+    /// The (seq, message id) of one entry of a mailbox's ring of acked ids.
+    fn open_acked(
+        &self,
+        mailbox: &MailboxId,
+        ring: &str,
+        message: &StreamMessage,
+    ) -> Result<(u64, MessageId), StoreError> {
+        let seq: u64 = header_value(message, SEQ_HEADER)?
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("{ring}: bad {SEQ_HEADER}")))?;
+        let plain = self.keys().open(
+            Table::MailboxAcked,
+            &mailbox_slot(mailbox).u64(seq),
+            &message.payload,
+        )?;
+        let id: MessageId = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("{ring}: not a message id")))?;
+        Ok((seq, id))
     }
 
     /// Test support: what an instance that crashed in the middle of an append leaves behind.
@@ -878,18 +893,7 @@ impl NatsStore {
                 break;
             };
             cursor = message.sequence + 1;
-            let seq: u64 = header_value(&message, SEQ_HEADER)?
-                .parse()
-                .map_err(|_| StoreError::Corrupt(format!("{ring}: bad {SEQ_HEADER}")))?;
-            let plain = self.keys().open(
-                Table::MailboxAcked,
-                &mailbox_slot(mailbox).u64(seq),
-                &message.payload,
-            )?;
-            let id: MessageId = plain
-                .as_slice()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt(format!("{ring}: not a message id")))?;
+            let (_, id) = self.open_acked(mailbox, &ring, &message)?;
             self.inner
                 .msgids
                 .purge()
