@@ -52,6 +52,15 @@ impl Histogram {
     }
 }
 
+/// Writes one counter in Prometheus text.
+pub(crate) fn counter(out: &mut String, name: &str, help: &str, value: &AtomicU64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+        value.load(Relaxed)
+    );
+}
+
 /// Every metric of one server process.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -79,13 +88,6 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        let counter = |out: &mut String, name: &str, help: &str, value: &AtomicU64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                value.load(Relaxed)
             );
         };
         gauge(

@@ -532,26 +532,19 @@ impl Store for EmbeddedStore {
     }
 
     fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        use std::sync::atomic::Ordering::Relaxed;
         let log = &self.inner.mailboxes;
-        for (name, help, value) in [
-            (
-                "chatapp_store_commits_total",
-                "Group commits of the mailbox log (one write and one fdatasync each).",
-                log.commits.load(Relaxed),
-            ),
-            (
-                "chatapp_store_committed_entries_total",
-                "Appends and acks written by group commits (entries / commits = batch size).",
-                log.committed_entries.load(Relaxed),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        }
+        crate::metrics::counter(
+            out,
+            "chatapp_store_commits_total",
+            "Group commits of the mailbox log (one write and one fdatasync each).",
+            &log.commits,
+        );
+        crate::metrics::counter(
+            out,
+            "chatapp_store_committed_entries_total",
+            "Appends and acks written by group commits (entries / commits = batch size).",
+            &log.committed_entries,
+        );
         log.disk_latency.render(
             out,
             "chatapp_store_disk_seconds",

@@ -234,11 +234,9 @@ impl Index {
         let entry = (4 + MIN_RECORD_LEN) as u64;
         let header = (FIXED_HEADER + 4 + MIN_RECORD_LEN + CHECK.len()) as u64;
         self.mailboxes.iter().fold(header, |len, (mailbox, m)| {
-            // kind, name length, name, device, last seq, count, then (seq, id) per id.
-            let counters = 1 + 2 + mailbox.username.len() as u64 + 4 + 8 + 4;
-            let remembered = m.acked.len() as u64 * (8 + 16);
+            let counters = mailbox_plain_len(mailbox, m.acked.len()) as u64;
             let messages: u64 = m.live.iter().map(|l| 4 + u64::from(l.sealed_len)).sum();
-            len + entry + counters + remembered + messages
+            len + entry + counters + messages
         })
     }
 
@@ -346,6 +344,11 @@ fn ack_plain_len(mailbox: &MailboxId) -> usize {
     1 + 2 + mailbox.username.len() + 4 + 8
 }
 
+/// The plaintext length of a mailbox entry remembering `remembered` acked ids.
+fn mailbox_plain_len(mailbox: &MailboxId, remembered: usize) -> usize {
+    1 + 2 + mailbox.username.len() + 4 + 8 + 4 + remembered * (8 + 16)
+}
+
 fn ack_plain(mailbox: &MailboxId, up_to_seq: u64) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(ack_plain_len(mailbox));
     put_mailbox(&mut out, KIND_ACK, mailbox)?;
@@ -354,7 +357,7 @@ fn ack_plain(mailbox: &MailboxId, up_to_seq: u64) -> Result<Vec<u8>, StoreError>
 }
 
 fn mailbox_plain(snapshot: &MailboxSnapshot) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::with_capacity(32 + snapshot.acked.len() * 24);
+    let mut out = Vec::with_capacity(mailbox_plain_len(&snapshot.mailbox, snapshot.acked.len()));
     put_mailbox(&mut out, KIND_MAILBOX, &snapshot.mailbox)?;
     out.extend_from_slice(&snapshot.last_seq.to_be_bytes());
     let count = u32::try_from(snapshot.acked.len())
