@@ -20,6 +20,7 @@ pub mod hostile;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod read_ahead;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::node::{MailboxRecord, Node, Session, SessionState};
+use crate::read_ahead::ReadAhead;
 use crate::store::MailboxId;
 
 /// Envelopes fetched from the store per delivery round.
@@ -34,7 +35,8 @@ const OUTBOX: usize = 128;
 
 /// First read buffer of a socket: login and ack frames fit; tungstenite grows it to the largest
 /// frame the socket receives. Allocated and zero-filled at the upgrade, so every idle socket pays
-/// for it (at 4 KiB it was a third of an idle socket's memory).
+/// for it (at 4 KiB it was a third of an idle socket's memory). tungstenite asks the socket for
+/// one frame at a time; [`ReadAhead`] reads pipelined frames in one call.
 const READ_BUFFER: usize = 1024;
 /// See [`websocket_config`].
 const WRITE_BUFFER: usize = 8 * 1024;
@@ -77,7 +79,7 @@ pub fn websocket_config() -> WebSocketConfig {
 /// Runs one client connection to its end.
 pub async fn serve(node: Arc<Node>, upgraded: Upgraded, peer: SocketAddr) {
     let ws = WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
+        ReadAhead::new(TokioIo::new(upgraded)),
         Role::Server,
         Some(websocket_config()),
     )
@@ -91,7 +93,7 @@ pub async fn serve(node: Arc<Node>, upgraded: Upgraded, peer: SocketAddr) {
     node.metrics.connections.fetch_sub(1, Relaxed);
 }
 
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Socket = WebSocketStream<ReadAhead<TokioIo<Upgraded>>>;
 
 async fn run(
     node: Arc<Node>,
