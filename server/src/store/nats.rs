@@ -832,8 +832,9 @@ impl NatsStore {
     /// Test support: what an instance that crashed in the middle of an append leaves behind.
     /// The message is in the log, but its id's claim is still pending. The claim is then
     /// marked stale, as one left by a crashed instance becomes after [`CLAIM_STALE`], so
-    /// the next append of the id takes it over. Returns the message's seq.
-    #[doc(hidden)]
+    /// the next append of the id takes it over. Returns the message's seq. Only in builds with
+    /// the `test-hooks` feature (this package's tests).
+    #[cfg(feature = "test-hooks")]
     pub async fn append_then_crash(
         &self,
         mailbox: &MailboxId,
