@@ -271,13 +271,7 @@ async fn a_resend_after_a_crashed_append_that_was_since_acked_is_a_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_latency_is_reported() {
     let server = NatsServer::start();
-    let store = NatsStore::connect(
-        &server.url(),
-        DataKeyRing::generate(&mut OsRng),
-        NatsOptions::default(),
-    )
-    .await
-    .expect("connect");
+    let store = connect(&server, NatsOptions::default()).await;
     let mb = MailboxId::new("lat", 1);
     let n = 200u32;
     let start = Instant::now();
