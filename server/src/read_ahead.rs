@@ -37,12 +37,14 @@ impl<S> ReadAhead<S> {
     }
 
     /// Bytes held for the next reads (0 for a socket whose reader has caught up).
-    pub fn buffered(&self) -> usize {
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.ahead.len()
     }
 
     /// Memory held by the chunk (0 for a socket that is idle).
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.ahead.capacity()
     }
 }
