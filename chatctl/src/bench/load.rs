@@ -66,11 +66,61 @@ pub struct LoadConfig {
 /// What a load run measured.
 #[derive(Debug, Default)]
 pub struct LoadResult {
+    /// Wall-clock time at which the run began (samples count from it).
+    pub began: Option<std::time::SystemTime>,
     pub elapsed: Duration,
     /// Deliveries the peer accepted (chat: acknowledged as stored).
     pub sent: u64,
     pub delivered: u64,
     pub latencies: Latencies,
+    /// Every delivery's send time and latency, in the order the receivers saw them, for
+    /// [`timeline`].
+    pub samples: Vec<Sample>,
+}
+
+/// One delivery: when it was sent (nanoseconds since the run began) and how long it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub sent_ns: u64,
+    pub latency_ns: u64,
+}
+
+/// Latency of the messages sent within one slice of a run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Slice {
+    /// Start of the slice, milliseconds since the run began.
+    pub from_ms: u64,
+    pub delivered: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Groups deliveries by send time into slices of `width`, so a latency spike can be placed in
+/// the run (one stall delays every message sent in a slice; queueing spreads over many). Slices
+/// in which nothing was sent are left out.
+pub fn timeline(samples: &[Sample], width: Duration) -> Vec<Slice> {
+    let width_ns = (width.as_nanos() as u64).max(1);
+    let mut by_slice: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for s in samples {
+        by_slice
+            .entry(s.sent_ns / width_ns)
+            .or_default()
+            .push(s.latency_ns);
+    }
+    by_slice
+        .into_iter()
+        .map(|(i, ns)| {
+            let l = Latencies::new(ns);
+            Slice {
+                from_ms: i * width_ns / 1_000_000,
+                delivered: l.0.len() as u64,
+                p50_ms: l.ms(0.5),
+                p99_ms: l.ms(0.99),
+                max_ms: l.ms(1.0),
+            }
+        })
+        .collect()
 }
 
 /// Latencies in nanoseconds, sorted.
@@ -123,6 +173,7 @@ pub async fn run<O: Outbox, I: Inbox>(
     config: LoadConfig,
 ) -> Result<LoadResult> {
     let origin = Instant::now();
+    let began = std::time::SystemTime::now();
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
     let total_fanout: usize = flows.iter().map(|f| f.inboxes.len()).sum();
@@ -205,7 +256,7 @@ pub async fn run<O: Outbox, I: Inbox>(
                 delivered.clone(),
             );
             receivers.push(tokio::spawn(async move {
-                let mut latencies = Vec::new();
+                let mut samples = Vec::new();
                 let mut received = 0u64;
                 let mut idle_after_stop = 0;
                 loop {
@@ -215,7 +266,11 @@ pub async fn run<O: Outbox, I: Inbox>(
                     match inbox.recv(Duration::from_millis(500)).await? {
                         Some(body) => {
                             let now = origin.elapsed().as_nanos() as u64;
-                            latencies.push(now.saturating_sub(sent_nanos(&body)));
+                            let sent_ns = sent_nanos(&body);
+                            samples.push(Sample {
+                                sent_ns,
+                                latency_ns: now.saturating_sub(sent_ns),
+                            });
                             received += 1;
                             delivered_r.fetch_add(1, Relaxed);
                             window_r.add_permits(1);
@@ -230,7 +285,7 @@ pub async fn run<O: Outbox, I: Inbox>(
                         None => {}
                     }
                 }
-                anyhow::Ok(latencies)
+                anyhow::Ok(samples)
             }));
         }
     }
@@ -251,16 +306,18 @@ pub async fn run<O: Outbox, I: Inbox>(
     for s in senders {
         sent += s.await.context("a sender panicked")??;
     }
-    let mut latencies = Vec::new();
+    let mut samples = Vec::new();
     for r in receivers {
-        latencies.extend(r.await.context("a receiver panicked")??);
+        samples.extend(r.await.context("a receiver panicked")??);
     }
     bar.finish_and_clear();
     Ok(LoadResult {
+        began: Some(began),
         elapsed,
         sent,
         delivered: delivered.load(Relaxed),
-        latencies: Latencies::new(latencies),
+        latencies: Latencies::new(samples.iter().map(|s| s.latency_ns).collect()),
+        samples,
     })
 }
 
@@ -470,6 +527,34 @@ mod tests {
         assert_eq!(l.ms(0.99), 99.0);
         assert_eq!(l.ms(1.0), 100.0);
         assert_eq!(Latencies::default().ms(0.5), 0.0);
+    }
+
+    #[test]
+    fn the_timeline_places_each_delivery_by_its_send_time() {
+        let ms = |sent: u64, took: u64| Sample {
+            sent_ns: sent * 1_000_000,
+            latency_ns: took * 1_000_000,
+        };
+        // A stall at 250-300 ms: what was sent then took long, whenever it arrived.
+        let mut samples: Vec<Sample> = (0..100).map(|i| ms(i, 1)).collect();
+        samples.extend((250..300).map(|i| ms(i, 80)));
+        samples.push(ms(299, 120));
+        samples.reverse();
+        let t = timeline(&samples, Duration::from_millis(100));
+        assert_eq!(t.len(), 2, "no slice for the quiet 100-250 ms: {t:?}");
+        assert_eq!(
+            t[0],
+            Slice {
+                from_ms: 0,
+                delivered: 100,
+                p50_ms: 1.0,
+                p99_ms: 1.0,
+                max_ms: 1.0
+            }
+        );
+        assert_eq!((t[1].from_ms, t[1].delivered), (200, 51));
+        assert_eq!((t[1].p50_ms, t[1].max_ms), (80.0, 120.0));
+        assert!(timeline(&[], Duration::from_millis(100)).is_empty());
     }
 
     #[test]

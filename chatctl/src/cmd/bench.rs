@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// The server's process id: its RSS is read from /proc before and after (idle).
     #[arg(long, global = true)]
     pub server_pid: Option<u32>,
+    /// Also report latency per slice of this length (e.g. 100ms), grouped by send time, to
+    /// see when the slow messages were sent (pairs and group).
+    #[arg(long, value_parser = humantime::parse_duration, global = true)]
+    pub timeline: Option<Duration>,
     #[command(subcommand)]
     pub scenario: Scenario,
 }
@@ -172,6 +176,13 @@ pub struct BenchReport {
     pub rss_per_connection: Option<f64>,
     /// 1-minute load average at the end (the machine is shared).
     pub load_average: Option<f64>,
+    /// Latency per slice of the run, by send time (`--timeline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Vec<load::Slice>>,
+    /// When the run began (RFC 3339, UTC), with `--timeline`: slices count from it, so they
+    /// can be set beside the server's log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub began_at: Option<String>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -251,6 +262,26 @@ fn print_table(r: &BenchReport) {
     if let Some(load) = r.load_average {
         println!("load average {load:.2}");
     }
+    if let Some(slices) = &r.timeline {
+        println!();
+        if let Some(began) = &r.began_at {
+            println!("began at {began}; slices by send time, from then:");
+        }
+        println!(
+            "{:<9} {:<10} {:<8} {:<8} {:<8}",
+            "sent at", "delivered", "p50 ms", "p99 ms", "max ms"
+        );
+        for s in slices {
+            println!(
+                "{:<9} {:<10} {:<8.2} {:<8.2} {:<8.2}",
+                format!("{:.2}s", s.from_ms as f64 / 1000.0),
+                s.delivered,
+                s.p50_ms,
+                s.p99_ms,
+                s.max_ms
+            );
+        }
+    }
 }
 
 fn chat_options(args: &BenchArgs, home: &tempfile::TempDir) -> ClientOptions {
@@ -313,6 +344,7 @@ async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
                     ..base
                 },
                 result,
+                args.timeline,
             )
         }
         Scenario::Group {
@@ -342,6 +374,7 @@ async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
                     ..base
                 },
                 result,
+                args.timeline,
             )
         }
         Scenario::Idle { connections } => {
@@ -391,8 +424,12 @@ async fn traffic(
     }
 }
 
-fn traffic_report(base: BenchReport, r: LoadResult) -> BenchReport {
+fn traffic_report(base: BenchReport, r: LoadResult, slice: Option<Duration>) -> BenchReport {
     BenchReport {
+        timeline: slice.map(|width| load::timeline(&r.samples, width)),
+        began_at: slice
+            .and(r.began)
+            .map(|t| humantime::format_rfc3339_millis(t).to_string()),
         duration_secs: r.elapsed.as_secs_f64(),
         sent: r.sent,
         delivered: r.delivered,
