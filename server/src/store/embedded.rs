@@ -1199,12 +1199,91 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_replaced_log_becomes_the_spare_the_next_compaction_writes_over() {
+        let (dir, keys, store) = opened().await;
+        let (a, b) = (MailboxId::new("ann", 1), MailboxId::new("ben", 2));
+        append_n(&store, &a, 1..21).await;
+        append_n(&store, &b, 1..6).await;
+        assert_eq!(store.ack(&a, 15).await.expect("ack"), 15);
+        assert_eq!(store.ack(&b, 5).await.expect("ack"), 5);
+        let log = std::fs::File::open(log_path(&dir)).expect("log");
+        let spare = dir.path().join("mailboxes.log.spare");
+        const SPARE: u64 = 1024 * 1024;
+        let mailboxes = &store.inner.mailboxes;
+
+        // No spare yet: a new file; the replaced one is zeroed in place and kept as the spare.
+        let compact = |spare| mailboxes.compact_now(&store.inner.keys, spare);
+        compact(Some(SPARE)).expect("compact");
+        check_compacted(&store, &a, &b).await;
+        assert!(!dir.path().join("mailboxes.log.old").exists());
+        assert_eq!(std::fs::metadata(&spare).expect("spare").len(), SPARE);
+        let zeros = std::fs::read(&spare).expect("spare");
+        assert!(zeros.iter().all(|&b| b == 0), "the spare holds only zeros");
+        use std::os::unix::fs::MetadataExt;
+        let recycled = std::fs::metadata(&spare).expect("spare").ino();
+        assert_eq!(
+            recycled,
+            log.metadata().expect("old log").ino(),
+            "the same file"
+        );
+
+        // The next compaction writes over it: the log is the spare's size, zeros after the data.
+        append_n(&store, &b, 6..56).await;
+        compact(None).expect("compact");
+        assert!(!spare.exists(), "the spare was used up");
+        let meta = std::fs::metadata(log_path(&dir)).expect("log");
+        assert_eq!((meta.ino(), meta.len()), (recycled, SPARE));
+        let data = mailboxes.end();
+        assert!(data < SPARE / 4, "{data} bytes of data");
+
+        // Appends overwrite the zeros: the file does not grow (no block to allocate, no
+        // journal commit for their fsyncs to wait for).
+        append_n(&store, &b, 56..100).await;
+        assert!(mailboxes.end() > data);
+        assert_eq!(std::fs::metadata(log_path(&dir)).expect("log").len(), SPARE);
+
+        // Reopened, the zeros are kept and everything is there.
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
+        assert_eq!(std::fs::metadata(log_path(&dir)).expect("log").len(), SPARE);
+        assert_eq!(ids_in(&store, &a).await.len(), 5);
+        assert_eq!(
+            ids_in(&store, &b).await,
+            (6..100).map(|n| (n, n as u8)).collect::<Vec<_>>()
+        );
+        append_n(&store, &b, 100..104).await;
+        assert_eq!(std::fs::metadata(log_path(&dir)).expect("log").len(), SPARE);
+    }
+
+    #[tokio::test]
+    async fn a_second_name_of_the_log_left_by_a_crash_is_removed_and_the_log_kept() {
+        // A crash between linking the log as `.old` and renaming the new file over it leaves
+        // both names on the one live log; zeroing `.old` then would wipe it.
+        let (dir, keys, store) = opened().await;
+        let a = MailboxId::new("ann", 1);
+        append_n(&store, &a, 1..11).await;
+        drop(store);
+        let old = dir.path().join("mailboxes.log.old");
+        std::fs::hard_link(log_path(&dir), &old).expect("link");
+
+        let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
+        assert!(!old.exists(), "the second name is gone");
+        assert_eq!(ids_in(&store, &a).await.len(), 10);
+        store
+            .inner
+            .mailboxes
+            .compact_now(&store.inner.keys, Some(64 * 1024))
+            .expect("compact");
+        assert_eq!(ids_in(&store, &a).await.len(), 10);
+    }
+
     /// Compacts the log on this thread; the size of the file it wrote.
     fn compact_now(store: &EmbeddedStore, dir: &tempfile::TempDir) -> u64 {
         store
             .inner
             .mailboxes
-            .compact_now(&store.inner.keys)
+            .compact_now(&store.inner.keys, None)
             .expect("compact");
         std::fs::metadata(log_path(dir)).expect("log").len()
     }
@@ -1262,10 +1341,12 @@ mod tests {
         for _ in 0..3 {
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
             let s = store.clone();
-            tokio::task::spawn_blocking(move || s.inner.mailboxes.compact_now(&s.inner.keys))
-                .await
-                .expect("join")
-                .expect("compact");
+            tokio::task::spawn_blocking(move || {
+                s.inner.mailboxes.compact_now(&s.inner.keys, Some(1 << 20))
+            })
+            .await
+            .expect("join")
+            .expect("compact");
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut expected = Vec::new();

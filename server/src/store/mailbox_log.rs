@@ -33,8 +33,9 @@
 //! written only after that, so only the last batch of the file can be torn by a crash. The file
 //! is grown [`PREALLOCATE`] bytes of zeros ahead of the batches. On open, a last batch that is
 //! incomplete, zero-filled or does not authenticate is cut off with the zeros after it (it held
-//! only unanswered writes); a bad batch followed by anything but zeros is corruption and the
-//! store refuses to open. If a write or fsync fails, the file is cut back to the last good batch
+//! only unanswered writes); zeros after the last good batch stay for the next batches to
+//! overwrite; a bad batch followed by anything but zeros is corruption and the store refuses
+//! to open. If a write or fsync fails, the file is cut back to the last good batch
 //! and the index is rebuilt from it, so the callers of the failed batch get an error and
 //! nothing they were not told about is kept.
 //!
@@ -45,7 +46,11 @@
 //! `mailboxes.log.tmp` under a new generation while the committer goes on writing to the old
 //! file; then copies what was written meanwhile, and the last of it with the write gate held;
 //! then renames the new file over the log and switches the index to it (see
-//! [`MailboxLog::compact`]).
+//! [`MailboxLog::compact`]). The new file is written over `mailboxes.log.spare`, zeros as long
+//! as the log may grow before the next compaction; the file it replaced, linked as
+//! `mailboxes.log.old` just before the rename, is zeroed in place and becomes the next spare.
+//! So once a log has been compacted, the committer's writes overwrite blocks the file already
+//! has, and nothing is freed or allocated on the disk while it runs.
 //!
 //! # Reads
 //! The index holds, per mailbox, the counters, the remembered ids (unacked and the last
@@ -71,6 +76,15 @@ use super::{AppendOutcome, AppendRequest, MailboxId, MessageId, StoreError, Stor
 /// The log file inside the data directory.
 pub const LOG_FILE: &str = "mailboxes.log";
 const TMP_FILE: &str = "mailboxes.log.tmp";
+/// Zeros written ahead for the next compaction to write into (see [`MailboxLog::compact`]).
+/// It only ever holds zeros: the compaction renames it to [`TMP_FILE`] before writing.
+const SPARE_FILE: &str = "mailboxes.log.spare";
+/// A second name for the log a compaction replaces, so that file can be zeroed in place and
+/// become the next spare; removed on open (it is never read).
+const OLD_FILE: &str = "mailboxes.log.old";
+/// How far a spare reaches beyond the size at which the next compaction is due: appends go on
+/// into the new file while that compaction runs.
+const SPARE_MARGIN: u64 = 32 * 1024 * 1024;
 const MAGIC: &[u8; 8] = b"CHATMBX1";
 /// Magic and generation; the sealed check entry follows.
 const FIXED_HEADER: usize = 16;
@@ -97,6 +111,10 @@ const MAX_BATCH: usize = 4096;
 /// has much of it queued ahead of the committer's small fsyncs (one 8 MiB fsync held a
 /// concurrent commit up for ~10 ms and more, docs/BENCHMARKS.md).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// A spare is zeroed [`MAX_BATCH_BYTES`] and a sync at a time with this pause after each
+/// (about 100 MiB/s), so making one does not take the disk and a core from the committer in
+/// one burst.
+const ZEROING_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
 const KIND_APPEND: u8 = 1;
 const KIND_ACK: u8 = 2;
@@ -648,14 +666,15 @@ fn replay(path: &Path, keys: &DataKeyRing, dedup_window: u64) -> Result<Replayed
     } else {
         (bytes.len() - pos) as u64
     };
-    if bytes.len() > pos {
+    if torn > 0 {
         // Replay applied nothing of the torn batch: a batch is applied only once it all opened.
         file.set_len(pos as u64)
             .and_then(|()| file.sync_all())
             .map_err(|e| io_err("cannot cut the torn end off", path, e))?;
     }
     index.len = pos as u64;
-    index.allocated = pos as u64;
+    // Zeros written ahead stay: the next batches overwrite them (see [`PREALLOCATE`]).
+    index.allocated = if torn > 0 { pos } else { bytes.len() } as u64;
     for mailbox in index.mailboxes.values_mut() {
         mailbox.durable_seq = mailbox.last_seq;
     }
@@ -771,19 +790,36 @@ struct LogWriter<'k> {
     generation: u64,
     /// Bytes written so far (the offset of the open batch).
     len: u64,
+    /// The file's size when created: zeros (of a spare) that writes overwrite.
+    zeroed: u64,
     batch: BatchWriter<'k>,
 }
 
 impl<'k> LogWriter<'k> {
     fn create(path: PathBuf, keys: &'k DataKeyRing, generation: u64) -> Result<Self, StoreError> {
+        Self::create_in(path, keys, generation, false)
+    }
+
+    /// Writes the new log at `path`; with `over_zeros`, over the zeros of a spare renamed to
+    /// `path` (which is not truncated), else into a new empty file.
+    fn create_in(
+        path: PathBuf,
+        keys: &'k DataKeyRing,
+        generation: u64,
+        over_zeros: bool,
+    ) -> Result<Self, StoreError> {
         // Read too: once installed, fetches read from it.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(!over_zeros)
             .open(&path)
             .map_err(|e| io_err("cannot create", &path, e))?;
+        let zeroed = file
+            .metadata()
+            .map_err(|e| io_err("cannot read the size of", &path, e))?
+            .len();
         let mut header = Vec::with_capacity(FIXED_HEADER + 64);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&generation.to_le_bytes());
@@ -803,6 +839,7 @@ impl<'k> LogWriter<'k> {
             path,
             generation,
             len,
+            zeroed,
             batch: BatchWriter::new(keys, generation, len),
         })
     }
@@ -872,20 +909,96 @@ impl<'k> LogWriter<'k> {
             .map_err(|e| io_err("cannot sync", &self.path, e))
     }
 
-    /// Syncs, then renames the file to `dir/mailboxes.log` and syncs the directory.
-    fn install(mut self, dir: &Path) -> Result<LogFile, StoreError> {
+    /// Syncs, then renames the file to `dir/mailboxes.log` and syncs the directory; the file
+    /// and how far it reaches (zeros after `len` included). The file it replaces keeps the
+    /// name `mailboxes.log.old` when the file system allows a second link.
+    fn install(mut self, dir: &Path) -> Result<(LogFile, u64), StoreError> {
         self.sync()?;
         let path = dir.join(LOG_FILE);
+        let old = dir.join(OLD_FILE);
+        let _ = std::fs::remove_file(&old);
+        if let Err(e) = std::fs::hard_link(&path, &old) {
+            tracing::debug!(error = %e, "mailbox log: no second link to the old log; it is freed");
+        }
         std::fs::rename(&self.path, &path)
             .map_err(|e| io_err("cannot rename into place", &path, e))?;
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io_err("cannot sync directory", dir, e))?;
-        Ok(LogFile {
-            file: self.file,
-            generation: self.generation,
-        })
+        let allocated = self.len.max(self.zeroed);
+        Ok((
+            LogFile {
+                file: self.file,
+                generation: self.generation,
+            },
+            allocated,
+        ))
     }
+}
+
+/// Turns the log a compaction replaced (`dir/mailboxes.log.old`, once no fetch reads it) into
+/// the next spare of `size` bytes: overwritten with zeros in place, cut down gently or grown
+/// to `size`, then renamed. Reusing its blocks frees and allocates nothing, so the file
+/// system's journal stays quiet; `false` when there is no such file (no second link).
+fn recycle(dir: &Path, old: Arc<LogFile>, size: u64) -> Result<bool, StoreError> {
+    let path = dir.join(OLD_FILE);
+    if !path.exists() {
+        release_gently(old);
+        return Ok(false);
+    }
+    let Some(old) = sole_owner(old) else {
+        let _ = std::fs::remove_file(&path);
+        return Ok(false);
+    };
+    let file = &old.file;
+    let wrote = |e| io_err("cannot write", &path, e);
+    let len = file
+        .metadata()
+        .map_err(|e| io_err("cannot read the size of", &path, e))?
+        .len();
+    cut_gently(file, len, size);
+    let zeros = vec![0u8; MAX_BATCH_BYTES];
+    let mut at = 0;
+    while at < len.min(size) {
+        let n = (len.min(size) - at).min(MAX_BATCH_BYTES as u64);
+        file.write_all_at(&zeros[..n as usize], at)
+            .and_then(|()| file.sync_data())
+            .map_err(wrote)?;
+        at += n;
+        std::thread::sleep(ZEROING_PAUSE);
+    }
+    drop(old);
+    std::fs::rename(&path, dir.join(SPARE_FILE)).map_err(wrote)?;
+    // Grown to `size` as a spare, if it was smaller.
+    fill_spare(dir, size)?;
+    Ok(true)
+}
+
+/// Grows `dir/mailboxes.log.spare` with zeros to `size` bytes, [`MAX_BATCH_BYTES`] and a sync
+/// at a time so the committer's syncs never queue behind a large one (see [`ZEROING_PAUSE`]). A spare left by an
+/// earlier run is grown, not rewritten: it only ever holds zeros.
+fn fill_spare(dir: &Path, size: u64) -> Result<(), StoreError> {
+    let path = dir.join(SPARE_FILE);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io_err("cannot create", &path, e))?;
+    let mut len = file
+        .metadata()
+        .map_err(|e| io_err("cannot read the size of", &path, e))?
+        .len();
+    let zeros = vec![0u8; MAX_BATCH_BYTES];
+    while len < size {
+        let n = (size - len).min(MAX_BATCH_BYTES as u64);
+        file.write_all_at(&zeros[..n as usize], len)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| io_err("cannot write", &path, e))?;
+        len += n;
+        std::thread::sleep(ZEROING_PAUSE);
+    }
+    Ok(())
 }
 
 /// Writes `snapshots` as a new log of `generation` to `dir/mailboxes.log.tmp`, fsyncs it and
@@ -941,6 +1054,14 @@ impl MailboxLog {
         dedup_window: u64,
     ) -> Result<Self, StoreError> {
         let path = dir.join(LOG_FILE);
+        // A second name of a replaced log (or of this one, after a crash between the link
+        // and the rename): never read, and not zeroed yet.
+        match std::fs::remove_file(dir.join(OLD_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_err("cannot remove", &dir.join(OLD_FILE), e));
+            }
+            _ => {}
+        }
         let Replayed { mut index, torn } = replay(&path, keys, dedup_window)?;
         if torn > 0 {
             tracing::warn!(
@@ -1260,13 +1381,47 @@ impl MailboxLog {
     /// written to the old file since is copied after it (entries opened and sealed again for
     /// their new offsets) until little is left; the last part is copied with the write gate
     /// held, and the new file is renamed over the old one and the index switched to it.
+    ///
+    /// The new file is written over a spare of zeros made ahead of time, so the committer's
+    /// writes to it overwrite blocks the file already has until the next compaction is due.
+    /// A write that grows the file makes its `fdatasync` wait for a commit of the file
+    /// system's journal, and with online discard (`mount -o discard`) a journal commit after a
+    /// large file was freed waited for that discard: 90-215 ms, the worst p99s of issue #8
+    /// (docs/BENCHMARKS.md). The first compaction (or the first after a restart) makes a
+    /// spare before it plans again; every compaction makes the next one after.
     pub(super) fn compact(&self, keys: &DataKeyRing, plan: CompactionPlan) {
         use std::sync::atomic::Ordering::SeqCst;
         let tmp = self.dir.join(TMP_FILE);
+        let plan = if self.dir.join(SPARE_FILE).exists() {
+            plan
+        } else {
+            match fill_spare(&self.dir, self.spare_size()) {
+                Ok(()) => {
+                    drop(plan);
+                    let _gate = lock(&self.write_gate);
+                    Self::plan(&lock(&self.index))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "mailbox log: cannot make a spare; compacting without");
+                    plan
+                }
+            }
+        };
         match self.compact_inner(keys, plan) {
             Ok((before, after, old)) => {
                 tracing::info!(before, after, "mailbox log compacted");
-                release_gently(old);
+                let size = self.spare_size();
+                let spare = match recycle(&self.dir, old, size) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => fill_spare(&self.dir, size),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(self.dir.join(OLD_FILE));
+                        Err(e)
+                    }
+                };
+                if let Err(e) = spare {
+                    tracing::warn!(error = %e, "mailbox log: cannot make a spare for the next compaction");
+                }
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -1276,9 +1431,21 @@ impl MailboxLog {
         self.compacting.store(false, SeqCst);
     }
 
-    /// Compacts now, on this thread (tests).
+    /// The size of a spare: the size at which the next compaction is due, and a margin.
+    fn spare_size(&self) -> u64 {
+        let snapshot = lock(&self.index).snapshot_len;
+        COMPACT_MIN_BYTES.max(snapshot.saturating_mul(4)) + SPARE_MARGIN
+    }
+
+    /// Compacts now, on this thread (tests); into the spare if there is one. With
+    /// `spare_size`, the replaced file becomes the next spare of that size, as
+    /// [`MailboxLog::compact`] does; without, it is let go.
     #[cfg(test)]
-    pub(super) fn compact_now(&self, keys: &DataKeyRing) -> Result<(), StoreError> {
+    pub(super) fn compact_now(
+        &self,
+        keys: &DataKeyRing,
+        spare_size: Option<u64>,
+    ) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
         let plan = {
             let _gate = lock(&self.write_gate);
@@ -1287,7 +1454,15 @@ impl MailboxLog {
         self.compacting.store(true, SeqCst);
         let result = self.compact_inner(keys, plan);
         self.compacting.store(false, SeqCst);
-        result.map(|(_, _, old)| release_gently(old))
+        let (_, _, old) = result?;
+        match spare_size {
+            Some(size) => recycle(&self.dir, old, size).map(|_| ()),
+            None => {
+                let _ = std::fs::remove_file(self.dir.join(OLD_FILE));
+                release_gently(old);
+                Ok(())
+            }
+        }
     }
 
     /// The file sizes before and after, and the replaced file.
@@ -1297,11 +1472,10 @@ impl MailboxLog {
         plan: CompactionPlan,
     ) -> Result<(u64, u64, Arc<LogFile>), StoreError> {
         let old = plan.old;
-        let mut out = LogWriter::create(
-            self.dir.join(TMP_FILE),
-            keys,
-            old.generation.wrapping_add(1),
-        )?;
+        let tmp = self.dir.join(TMP_FILE);
+        // Over the spare's zeros if there is one (it replaces a `tmp` a crash left).
+        let over_zeros = std::fs::rename(self.dir.join(SPARE_FILE), &tmp).is_ok();
+        let mut out = LogWriter::create_in(tmp, keys, old.generation.wrapping_add(1), over_zeros)?;
         // Old offset of every unacked message's entry -> where it is in the new file.
         let mut moved: HashMap<u64, (u64, u32)> = HashMap::new();
         for PlannedMailbox {
@@ -1374,7 +1548,7 @@ impl MailboxLog {
         }
         out.flush()?;
         let len = out.len;
-        let new = match out.install(&self.dir) {
+        let (new, allocated) = match out.install(&self.dir) {
             Ok(new) => new,
             Err(e) => {
                 // The rename may or may not have happened: refuse further writes rather than
@@ -1391,7 +1565,7 @@ impl MailboxLog {
         let before = index.len;
         index.file = Arc::new(new);
         index.len = len;
-        index.allocated = len;
+        index.allocated = allocated;
         // Offsets changed; the cache refills with the next appends.
         index.forget_recent();
         index.snapshot_len = snapshot_len;
@@ -1516,33 +1690,48 @@ impl MailboxLog {
 }
 
 /// Lets go of a log file a compaction replaced (already unlinked by the rename), cutting it
-/// down a slice at a time first: freeing a 256 MiB file in one go held the file system's
-/// journal long enough to stall the committer's fsyncs by tens of milliseconds. 1 MiB every
-/// 8 ms (a 256 MiB file in about 2 s) kept p99 at 3.3–5.3 ms at half the maximum rate where
-/// 8 MiB every 2 ms gave 26 ms on the same machine (docs/BENCHMARKS.md).
+/// down gently first (see [`cut_gently`]).
 fn release_gently(old: Arc<LogFile>) {
-    const SLICE: u64 = 1024 * 1024;
-    const PAUSE: std::time::Duration = std::time::Duration::from_millis(8);
-    // A fetch that began before the switch may still be reading it.
+    if let Some(file) = sole_owner(old) {
+        let len = file.file.metadata().map_or(0, |m| m.len());
+        cut_gently(&file.file, len, 0);
+    }
+}
+
+/// The replaced log once no fetch that began before the switch reads it any more (`None` if
+/// one still does after about a second).
+fn sole_owner(old: Arc<LogFile>) -> Option<LogFile> {
     let mut old = old;
     for _ in 0..1000 {
         match Arc::try_unwrap(old) {
-            Ok(file) => {
-                let mut len = file.file.metadata().map_or(0, |m| m.len());
-                while len > SLICE {
-                    len -= SLICE;
-                    if file.file.set_len(len).is_err() {
-                        break;
-                    }
-                    std::thread::sleep(PAUSE);
-                }
-                return;
-            }
+            Ok(file) => return Some(file),
             Err(still_shared) => {
                 old = still_shared;
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
+    }
+    None
+}
+
+/// Cuts `file` from `len` down to `to` a slice at a time: freeing a 256 MiB file in one go
+/// held the file system's journal long enough to stall the committer's fsyncs by tens of
+/// milliseconds. 1 MiB every 8 ms (a 256 MiB file in about 2 s) kept p99 at 3.3-5.3 ms at
+/// half the maximum rate where 8 MiB every 2 ms gave 26 ms on the same machine
+/// (docs/BENCHMARKS.md).
+fn cut_gently(file: &File, len: u64, to: u64) {
+    const SLICE: u64 = 1024 * 1024;
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(8);
+    let mut len = len;
+    while len > to.saturating_add(SLICE) {
+        len -= SLICE;
+        if file.set_len(len).is_err() {
+            return;
+        }
+        std::thread::sleep(PAUSE);
+    }
+    if len > to {
+        let _ = file.set_len(to);
     }
 }
 
