@@ -47,7 +47,7 @@
 //! file; then copies what was written meanwhile, and the last of it with the write gate held;
 //! then renames the new file over the log and switches the index to it (see
 //! [`MailboxLog::compact`]). The new file is written over `mailboxes.log.spare`, zeros as long
-//! as the log may grow before the next compaction; the file it replaced, linked as
+//! as the log is when the next compaction is due (unless the last one wrote over 64 MiB); the file it replaced, linked as
 //! `mailboxes.log.old` just before the rename, is zeroed in place and becomes the next spare.
 //! So once a log has been compacted, the committer's writes overwrite blocks the file already
 //! has, and nothing is freed or allocated on the disk while it runs.
@@ -82,9 +82,11 @@ const SPARE_FILE: &str = "mailboxes.log.spare";
 /// A second name for the log a compaction replaces, so that file can be zeroed in place and
 /// become the next spare; removed on open (it is never read).
 const OLD_FILE: &str = "mailboxes.log.old";
-/// How far a spare reaches beyond the size at which the next compaction is due: appends go on
-/// into the new file while that compaction runs.
-const SPARE_MARGIN: u64 = 32 * 1024 * 1024;
+/// The size of a spare: the smallest log a compaction is due at, and room for the appends
+/// while that compaction runs. A log that must grow larger (four times a large compaction)
+/// grows past it as a log without a spare does; zeroing a spare four times a snapshot of
+/// hundreds of MiB held the disk for seconds after an overload (docs/BENCHMARKS.md).
+const SPARE_BYTES: u64 = COMPACT_MIN_BYTES + 32 * 1024 * 1024;
 const MAGIC: &[u8; 8] = b"CHATMBX1";
 /// Magic and generation; the sealed check entry follows.
 const FIXED_HEADER: usize = 16;
@@ -1395,7 +1397,7 @@ impl MailboxLog {
         let plan = if self.dir.join(SPARE_FILE).exists() {
             plan
         } else {
-            match fill_spare(&self.dir, self.spare_size()) {
+            match fill_spare(&self.dir, SPARE_BYTES) {
                 Ok(()) => {
                     drop(plan);
                     let _gate = lock(&self.write_gate);
@@ -1410,10 +1412,9 @@ impl MailboxLog {
         match self.compact_inner(keys, plan) {
             Ok((before, after, old)) => {
                 tracing::info!(before, after, "mailbox log compacted");
-                let size = self.spare_size();
-                let spare = match recycle(&self.dir, old, size) {
+                let spare = match recycle(&self.dir, old, SPARE_BYTES) {
                     Ok(true) => Ok(()),
-                    Ok(false) => fill_spare(&self.dir, size),
+                    Ok(false) => fill_spare(&self.dir, SPARE_BYTES),
                     Err(e) => {
                         let _ = std::fs::remove_file(self.dir.join(OLD_FILE));
                         Err(e)
@@ -1429,12 +1430,6 @@ impl MailboxLog {
             }
         }
         self.compacting.store(false, SeqCst);
-    }
-
-    /// The size of a spare: the size at which the next compaction is due, and a margin.
-    fn spare_size(&self) -> u64 {
-        let snapshot = lock(&self.index).snapshot_len;
-        COMPACT_MIN_BYTES.max(snapshot.saturating_mul(4)) + SPARE_MARGIN
     }
 
     /// Compacts now, on this thread (tests); into the spare if there is one. With
