@@ -1161,11 +1161,7 @@ mod tests {
     #[tokio::test]
     async fn compaction_keeps_messages_counters_and_remembered_ids() {
         let (dir, keys, store) = opened().await;
-        let (a, b) = (MailboxId::new("ann", 1), MailboxId::new("ben", 2));
-        append_n(&store, &a, 1..21).await;
-        append_n(&store, &b, 1..6).await;
-        assert_eq!(store.ack(&a, 15).await.expect("ack"), 15);
-        assert_eq!(store.ack(&b, 5).await.expect("ack"), 5);
+        let (a, b) = ann_and_ben_mostly_acked(&store).await;
         let before = std::fs::metadata(log_path(&dir)).expect("log").len();
         let after = compact_now(&store, &dir);
         assert!(after < before, "{after} bytes after, {before} before");
@@ -1202,11 +1198,7 @@ mod tests {
     #[tokio::test]
     async fn the_replaced_log_becomes_the_spare_the_next_compaction_writes_over() {
         let (dir, keys, store) = opened().await;
-        let (a, b) = (MailboxId::new("ann", 1), MailboxId::new("ben", 2));
-        append_n(&store, &a, 1..21).await;
-        append_n(&store, &b, 1..6).await;
-        assert_eq!(store.ack(&a, 15).await.expect("ack"), 15);
-        assert_eq!(store.ack(&b, 5).await.expect("ack"), 5);
+        let (a, b) = ann_and_ben_mostly_acked(&store).await;
         let log = std::fs::File::open(log_path(&dir)).expect("log");
         let spare = dir.path().join("mailboxes.log.spare");
         const SPARE: u64 = 1024 * 1024;
@@ -1286,6 +1278,17 @@ mod tests {
             .compact_now(&store.inner.keys, None)
             .expect("compact");
         std::fs::metadata(log_path(dir)).expect("log").len()
+    }
+
+    /// Ann with messages 1-20 and Ben with 1-5, acked up to 15 and 5: what
+    /// [`check_compacted`] expects to find.
+    async fn ann_and_ben_mostly_acked(store: &EmbeddedStore) -> (MailboxId, MailboxId) {
+        let (a, b) = (MailboxId::new("ann", 1), MailboxId::new("ben", 2));
+        append_n(store, &a, 1..21).await;
+        append_n(store, &b, 1..6).await;
+        assert_eq!(store.ack(&a, 15).await.expect("ack"), 15);
+        assert_eq!(store.ack(&b, 5).await.expect("ack"), 5);
+        (a, b)
     }
 
     async fn check_compacted(store: &EmbeddedStore, a: &MailboxId, b: &MailboxId) {
