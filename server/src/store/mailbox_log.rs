@@ -46,9 +46,9 @@
 //! `mailboxes.log.tmp` under a new generation while the committer goes on writing to the old
 //! file; then copies what was written meanwhile, and the last of it with the write gate held;
 //! then renames the new file over the log and switches the index to it (see
-//! [`MailboxLog::compact`]). The new file is written over `mailboxes.log.spare`, zeros as long
-//! as the log is when the next compaction is due (unless the last one wrote over 64 MiB); the file it replaced, linked as
-//! `mailboxes.log.old` just before the rename, is zeroed in place and becomes the next spare.
+//! [`MailboxLog::compact`]). The new file is written over `mailboxes.log.spare`,
+//! [`SPARE_BYTES`] of zeros; the file it replaced, linked as `mailboxes.log.old` just before
+//! the rename, is zeroed in place and becomes the next spare.
 //! So once a log has been compacted, the committer's writes overwrite blocks the file already
 //! has, and nothing is freed or allocated on the disk while it runs.
 //!
@@ -922,8 +922,11 @@ impl<'k> LogWriter<'k> {
         if let Err(e) = std::fs::hard_link(&path, &old) {
             tracing::debug!(error = %e, "mailbox log: no second link to the old log; it is freed");
         }
-        std::fs::rename(&self.path, &path)
-            .map_err(|e| io_err("cannot rename into place", &path, e))?;
+        if let Err(e) = std::fs::rename(&self.path, &path) {
+            // `.old` would be a second name of the live log.
+            let _ = std::fs::remove_file(&old);
+            return Err(io_err("cannot rename into place", &path, e));
+        }
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io_err("cannot sync directory", dir, e))?;
@@ -977,8 +980,9 @@ fn recycle(dir: &Path, old: Arc<LogFile>, size: u64) -> Result<bool, StoreError>
 }
 
 /// Grows `dir/mailboxes.log.spare` with zeros to `size` bytes, [`MAX_BATCH_BYTES`] and a sync
-/// at a time so the committer's syncs never queue behind a large one (see [`ZEROING_PAUSE`]). A spare left by an
-/// earlier run is grown, not rewritten: it only ever holds zeros.
+/// at a time so the committer's syncs never queue behind a large one (see
+/// [`ZEROING_PAUSE`]). A spare left by an earlier run is grown, not rewritten: it only ever
+/// holds zeros.
 fn fill_spare(dir: &Path, size: u64) -> Result<(), StoreError> {
     let path = dir.join(SPARE_FILE);
     let file = OpenOptions::new()
