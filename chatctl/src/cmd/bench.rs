@@ -70,7 +70,7 @@ pub struct BenchArgs {
     pub server_pid: Option<u32>,
     /// Also report latency per slice of this length (e.g. 100ms), grouped by send time, to
     /// see when the slow messages were sent (pairs and group).
-    #[arg(long, value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, value_parser = slice_width, global = true)]
     pub timeline: Option<Duration>,
     #[command(subcommand)]
     pub scenario: Scenario,
@@ -298,6 +298,15 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err(format!("{s:?} is not a whole number of at least 1")),
+    }
+}
+
+/// A `--timeline` slice: a duration of at least a millisecond.
+fn slice_width(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= Duration::from_millis(1) => Ok(d),
+        Ok(_) => Err(format!("{s:?} is shorter than a slice can be (1ms)")),
+        Err(e) => Err(format!("{s:?} is not a duration like 100ms or 1s: {e}")),
     }
 }
 
@@ -555,7 +564,17 @@ async fn connect(args: &BenchArgs, concurrency: usize) -> Result<OpenResult> {
 
 #[cfg(test)]
 mod tests {
-    use super::at_least_one;
+    use super::{at_least_one, slice_width};
+    use std::time::Duration;
+
+    #[test]
+    fn a_timeline_slice_is_a_duration_of_at_least_a_millisecond() {
+        assert_eq!(slice_width("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(slice_width("1s"), Ok(Duration::from_secs(1)));
+        for bad in ["0s", "500us", "fast", ""] {
+            assert!(slice_width(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn batch_must_be_a_whole_number_of_at_least_one() {
