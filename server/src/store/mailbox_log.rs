@@ -956,33 +956,37 @@ fn recycle(dir: &Path, old: Arc<LogFile>, size: u64) -> Result<bool, StoreError>
         return Ok(false);
     };
     let file = &old.file;
-    let wrote = |e| io_err("cannot write", &path, e);
     let len = file
         .metadata()
         .map_err(|e| io_err("cannot read the size of", &path, e))?
         .len();
     cut_gently(file, len, size);
-    let zeros = vec![0u8; MAX_BATCH_BYTES];
-    let mut at = 0;
-    while at < len.min(size) {
-        let n = (len.min(size) - at).min(MAX_BATCH_BYTES as u64);
-        file.write_all_at(&zeros[..n as usize], at)
-            .and_then(|()| file.sync_data())
-            .map_err(wrote)?;
-        at += n;
-        std::thread::sleep(ZEROING_PAUSE);
-    }
+    // What it held is overwritten, and it is grown to `size` if it was smaller.
+    write_zeros(file, &path, 0, size)?;
     drop(old);
-    std::fs::rename(&path, dir.join(SPARE_FILE)).map_err(wrote)?;
-    // Grown to `size` as a spare, if it was smaller.
-    fill_spare(dir, size)?;
+    std::fs::rename(&path, dir.join(SPARE_FILE)).map_err(|e| io_err("cannot rename", &path, e))?;
     Ok(true)
 }
 
-/// Grows `dir/mailboxes.log.spare` with zeros to `size` bytes, [`MAX_BATCH_BYTES`] and a sync
-/// at a time so the committer's syncs never queue behind a large one (see
-/// [`ZEROING_PAUSE`]). A spare left by an earlier run is grown, not rewritten: it only ever
-/// holds zeros.
+/// Writes zeros over `from..to` of `file` (at `path`), [`MAX_BATCH_BYTES`] and a sync at a
+/// time so the committer's syncs never queue behind a large one, with [`ZEROING_PAUSE`] after
+/// each.
+fn write_zeros(file: &File, path: &Path, from: u64, to: u64) -> Result<(), StoreError> {
+    let zeros = vec![0u8; MAX_BATCH_BYTES];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(MAX_BATCH_BYTES as u64);
+        file.write_all_at(&zeros[..n as usize], at)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| io_err("cannot write", path, e))?;
+        at += n;
+        std::thread::sleep(ZEROING_PAUSE);
+    }
+    Ok(())
+}
+
+/// Grows `dir/mailboxes.log.spare` with zeros to `size` bytes (see [`write_zeros`]). A spare
+/// left by an earlier run is grown, not rewritten: it only ever holds zeros.
 fn fill_spare(dir: &Path, size: u64) -> Result<(), StoreError> {
     let path = dir.join(SPARE_FILE);
     let file = OpenOptions::new()
@@ -991,20 +995,11 @@ fn fill_spare(dir: &Path, size: u64) -> Result<(), StoreError> {
         .truncate(false)
         .open(&path)
         .map_err(|e| io_err("cannot create", &path, e))?;
-    let mut len = file
+    let len = file
         .metadata()
         .map_err(|e| io_err("cannot read the size of", &path, e))?
         .len();
-    let zeros = vec![0u8; MAX_BATCH_BYTES];
-    while len < size {
-        let n = (size - len).min(MAX_BATCH_BYTES as u64);
-        file.write_all_at(&zeros[..n as usize], len)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| io_err("cannot write", &path, e))?;
-        len += n;
-        std::thread::sleep(ZEROING_PAUSE);
-    }
-    Ok(())
+    write_zeros(&file, &path, len, size)
 }
 
 /// Writes `snapshots` as a new log of `generation` to `dir/mailboxes.log.tmp`, fsyncs it and
