@@ -52,6 +52,11 @@
 //! So once a log has been compacted, the committer's writes overwrite blocks the file already
 //! has, and nothing is freed or allocated on the disk while it runs.
 //!
+//! Writing the new file, catching up and zeroing run on threads at the lowest CPU priority
+//! (`in_background`), so they take what the committer and the connections leave of the
+//! cores; the final step, which holds writes, runs at normal priority. Each compaction logs
+//! where its time went (`planned_ms` and `held_ms` hold up the committer).
+//!
 //! # Reads
 //! The index holds, per mailbox, the counters, the remembered ids (unacked and the last
 //! `dedup_window` acked) and where each unacked message's entry is, and the records of recently
@@ -968,6 +973,32 @@ fn recycle(dir: &Path, old: Arc<LogFile>, size: u64) -> Result<bool, StoreError>
     Ok(true)
 }
 
+/// Runs `work` on a thread of its own at the lowest CPU priority (nice 19) and waits for it.
+/// A compaction's sealing, copying and zeroing then use what the committer, the connections
+/// and the load leave of the cores, instead of taking one from them for tens of milliseconds
+/// (docs/BENCHMARKS.md, session 13). Nothing that holds the write gate may run there: a
+/// thread at nice 19 holding it gets a sliver of a busy core while the committer waits for it
+/// (priority inversion), and an unprivileged thread cannot raise its priority back. Hence a
+/// thread per call, not a lowered compaction thread. A panic in `work` is resumed here.
+fn in_background<T: Send>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send,
+) -> Result<T, StoreError> {
+    std::thread::scope(|scope| {
+        let handle = std::thread::Builder::new()
+            .name("mailbox-compaction-bg".into())
+            .spawn_scoped(scope, || {
+                if let Err(e) = rustix::process::setpriority_process(None, 19) {
+                    tracing::debug!(error = %e, "mailbox log: cannot lower a compaction thread's priority");
+                }
+                work()
+            })
+            .map_err(|e| StoreError::Backend(format!("cannot start a compaction thread: {e}")))?;
+        handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// Writes zeros over `from..to` of `file` (at `path`), [`MAX_BATCH_BYTES`] and a sync at a
 /// time so the committer's syncs never queue behind a large one, with [`ZEROING_PAUSE`] after
 /// each.
@@ -1023,6 +1054,24 @@ pub(super) struct CompactionPlan {
     old: Arc<LogFile>,
     upto: u64,
     mailboxes: Vec<PlannedMailbox>,
+    /// How long making the plan held up the committer.
+    took: std::time::Duration,
+}
+
+/// Where a compaction's time went, for its log line: the phases that hold up the committer
+/// (`planned`, `held`) and those that share the machine with it.
+#[derive(Debug, Default)]
+struct CompactionTimes {
+    planned: std::time::Duration,
+    snapshot: std::time::Duration,
+    catch_up: std::time::Duration,
+    held: std::time::Duration,
+}
+
+impl CompactionTimes {
+    fn ms(d: std::time::Duration) -> f64 {
+        (d.as_secs_f64() * 10_000.0).round() / 10.0
+    }
 }
 
 /// One mailbox as a compaction plan saw it.
@@ -1033,6 +1082,18 @@ struct PlannedMailbox {
     /// compaction thread.
     acked: VecDeque<(u64, MessageId)>,
     live: VecDeque<Live>,
+}
+
+/// A compaction's new file, written up to `copied` of the old one, and what its final step
+/// ([`MailboxLog::switch`]) needs.
+struct Prepared<'k> {
+    old: Arc<LogFile>,
+    out: LogWriter<'k>,
+    /// Old offset of every unacked message's entry -> where it is in the new file.
+    moved: HashMap<u64, (u64, u32)>,
+    copied: u64,
+    snapshot_len: u64,
+    times: CompactionTimes,
 }
 
 /// A tail of the old file copied into the new one below this many bytes is done by the
@@ -1361,7 +1422,8 @@ impl MailboxLog {
     /// The index as of `index.len`. Call with the write gate held: a batch in flight is in the
     /// index (applied when staged) but not yet in the file below `index.len`.
     fn plan(index: &Index) -> CompactionPlan {
-        CompactionPlan {
+        let began = Instant::now();
+        let mut plan = CompactionPlan {
             old: Arc::clone(&index.file),
             upto: index.len,
             mailboxes: index
@@ -1374,7 +1436,10 @@ impl MailboxLog {
                     live: m.live.clone(),
                 })
                 .collect(),
-        }
+            took: std::time::Duration::ZERO,
+        };
+        plan.took = began.elapsed();
+        plan
     }
 
     /// Rewrites the log with only what it must keep, while the committer goes on writing to
@@ -1396,7 +1461,7 @@ impl MailboxLog {
         let plan = if self.dir.join(SPARE_FILE).exists() {
             plan
         } else {
-            match fill_spare(&self.dir, SPARE_BYTES) {
+            match in_background(|| fill_spare(&self.dir, SPARE_BYTES)) {
                 Ok(()) => {
                     drop(plan);
                     let _gate = lock(&self.write_gate);
@@ -1408,19 +1473,36 @@ impl MailboxLog {
                 }
             }
         };
-        match self.compact_inner(keys, plan) {
-            Ok((before, after, old)) => {
-                tracing::info!(before, after, "mailbox log compacted");
-                let spare = match recycle(&self.dir, old, SPARE_BYTES) {
+        // Writing the new file shares the machine with the committer; only the switch holds
+        // it up, and runs at this thread's priority (see `in_background`).
+        match in_background(|| self.prepare(keys, plan)).and_then(|p| self.switch(keys, p)) {
+            Ok((before, after, old, times)) => {
+                tracing::info!(
+                    before,
+                    after,
+                    planned_ms = CompactionTimes::ms(times.planned),
+                    snapshot_ms = CompactionTimes::ms(times.snapshot),
+                    catch_up_ms = CompactionTimes::ms(times.catch_up),
+                    held_ms = CompactionTimes::ms(times.held),
+                    "mailbox log compacted"
+                );
+                let recycling = Instant::now();
+                let spare = in_background(|| match recycle(&self.dir, old, SPARE_BYTES) {
                     Ok(true) => Ok(()),
                     Ok(false) => fill_spare(&self.dir, SPARE_BYTES),
                     Err(e) => {
                         let _ = std::fs::remove_file(self.dir.join(OLD_FILE));
                         Err(e)
                     }
-                };
-                if let Err(e) = spare {
-                    tracing::warn!(error = %e, "mailbox log: cannot make a spare for the next compaction");
+                });
+                match spare {
+                    Ok(()) => tracing::info!(
+                        took_ms = CompactionTimes::ms(recycling.elapsed()),
+                        "mailbox log: spare ready for the next compaction"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mailbox log: cannot make a spare for the next compaction")
+                    }
                 }
             }
             Err(e) => {
@@ -1446,9 +1528,9 @@ impl MailboxLog {
             Self::plan(&lock(&self.index))
         };
         self.compacting.store(true, SeqCst);
-        let result = self.compact_inner(keys, plan);
+        let result = self.prepare(keys, plan).and_then(|p| self.switch(keys, p));
         self.compacting.store(false, SeqCst);
-        let (_, _, old) = result?;
+        let (_, _, old, _) = result?;
         match spare_size {
             Some(size) => recycle(&self.dir, old, size).map(|_| ()),
             None => {
@@ -1459,12 +1541,19 @@ impl MailboxLog {
         }
     }
 
-    /// The file sizes before and after, and the replaced file.
-    fn compact_inner(
+    /// The part of a compaction that runs beside the committer: writes the plan's state to
+    /// `mailboxes.log.tmp`, then catches up with what the committer wrote meanwhile until
+    /// little is left.
+    fn prepare<'k>(
         &self,
-        keys: &DataKeyRing,
+        keys: &'k DataKeyRing,
         plan: CompactionPlan,
-    ) -> Result<(u64, u64, Arc<LogFile>), StoreError> {
+    ) -> Result<Prepared<'k>, StoreError> {
+        let mut times = CompactionTimes {
+            planned: plan.took,
+            ..CompactionTimes::default()
+        };
+        let phase = Instant::now();
         let old = plan.old;
         let tmp = self.dir.join(TMP_FILE);
         // Over the spare's zeros if there is one (it replaces a `tmp` a crash left).
@@ -1496,7 +1585,8 @@ impl MailboxLog {
         }
         out.sync()?;
         let snapshot_len = out.len;
-        // Catch up with what the committer wrote meanwhile, without holding it up.
+        times.snapshot = phase.elapsed();
+        let phase = Instant::now();
         let mut copied = plan.upto;
         for _ in 0..CATCH_UP_ROUNDS {
             let upto = {
@@ -1513,8 +1603,36 @@ impl MailboxLog {
             out.sync()?;
             copied = upto;
         }
+        times.catch_up = phase.elapsed();
+        Ok(Prepared {
+            old,
+            out,
+            moved,
+            copied,
+            snapshot_len,
+            times,
+        })
+    }
+
+    /// The final step of a compaction, with writes held: copies the rest of the old file,
+    /// renames the new file over the log and switches the index to it. Returns the file sizes
+    /// before and after, the replaced file, and where the time went.
+    fn switch(
+        &self,
+        keys: &DataKeyRing,
+        prepared: Prepared<'_>,
+    ) -> Result<(u64, u64, Arc<LogFile>, CompactionTimes), StoreError> {
+        let Prepared {
+            old,
+            mut out,
+            mut moved,
+            copied,
+            snapshot_len,
+            mut times,
+        } = prepared;
         // The rest with writes held: no batch is in flight, so `index.len` is the file's end.
         let _gate = lock(&self.write_gate);
+        let phase = Instant::now();
         let upto = lock(&self.index).len;
         self.copy_tail(keys, &old, copied, upto, &mut out, &mut moved)?;
         let mut index = lock(&self.index);
@@ -1564,7 +1682,8 @@ impl MailboxLog {
         index.forget_recent();
         index.snapshot_len = snapshot_len;
         drop(index);
-        Ok((before, len, old))
+        times.held = phase.elapsed();
+        Ok((before, len, old, times))
     }
 
     /// Copies the entries of the old file in `from..upto` (whole batches) to `out`, sealed
@@ -1760,5 +1879,38 @@ fn read_message(
             "mailbox log: the entry of {mailbox} seq {} holds something else",
             at.seq
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_work_runs_at_the_lowest_priority_and_the_caller_keeps_its_own() {
+        let caller = rustix::process::getpriority_process(None).expect("own priority");
+        let (inside, thread) = in_background(|| {
+            let inside = rustix::process::getpriority_process(None).expect("priority");
+            Ok((inside, std::thread::current().id()))
+        })
+        .expect("background work");
+        assert_eq!(inside, 19, "the work ran at nice {inside}");
+        assert_ne!(
+            thread,
+            std::thread::current().id(),
+            "the work ran on the caller's thread"
+        );
+        assert_eq!(
+            rustix::process::getpriority_process(None).expect("own priority"),
+            caller,
+            "the caller's priority changed"
+        );
+    }
+
+    #[test]
+    fn background_work_hands_back_its_error() {
+        let result: Result<(), _> =
+            in_background(|| Err(StoreError::Backend("the disk is full".into())));
+        assert!(matches!(result, Err(StoreError::Backend(m)) if m == "the disk is full"));
     }
 }
