@@ -41,10 +41,12 @@
 //!
 //! # Compaction
 //! When the file has grown past [`COMPACT_MIN_BYTES`] and four times what the last compaction
-//! wrote, the committer hands a plan (the index between two batches) to a compaction thread,
-//! which writes every mailbox's counters, remembered ids and unacked messages to
-//! `mailboxes.log.tmp` under a new generation while the committer goes on writing to the old
-//! file; then copies what was written meanwhile, and the last of it with the write gate held;
+//! wrote, the committer starts a compaction thread. It takes the index in steps of at most
+//! about [`PLAN_STEP`] with writes held, each mailbox as of the file's end at its step (an
+//! entry of a mailbox written before its step is in its state and is not copied again); writes
+//! every mailbox's counters, remembered ids and unacked messages to `mailboxes.log.tmp` under a
+//! new generation while the committer goes on writing to the old file; then copies what was
+//! written since the first step, and the last of it with the write gate held;
 //! then renames the new file over the log and switches the index to it (see
 //! [`MailboxLog::compact`]). The new file is written over `mailboxes.log.spare`,
 //! [`SPARE_BYTES`] of zeros; the file it replaced, linked as `mailboxes.log.old` just before
@@ -65,6 +67,8 @@
 //! batch is on disk.
 
 use std::collections::{HashMap, VecDeque};
+
+use indexmap::IndexMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -205,7 +209,9 @@ struct Index {
     allocated: u64,
     /// What the last compaction (or the migration) wrote.
     snapshot_len: u64,
-    mailboxes: HashMap<MailboxId, Mailbox>,
+    /// In order of first use; a mailbox is never removed, so its position stays (a
+    /// compaction plans the index in steps by position).
+    mailboxes: IndexMap<MailboxId, Mailbox>,
     /// Records of recently appended, unacked messages by entry offset, so the delivery that
     /// usually follows an append at once reads neither the file nor opens the entry.
     recent: HashMap<u64, Arc<[u8]>>,
@@ -450,6 +456,14 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The mailbox an entry's plaintext is about.
+fn entry_mailbox(plain: &[u8]) -> Result<MailboxId, StoreError> {
+    let rest = plain
+        .get(1..)
+        .ok_or_else(|| StoreError::Corrupt("empty mailbox log entry".into()))?;
+    Reader(rest).mailbox()
+}
+
 fn decode_entry(plain: &[u8]) -> Result<Entry, StoreError> {
     let Some((&kind, rest)) = plain.split_first() else {
         return Err(StoreError::Corrupt("empty mailbox log entry".into()));
@@ -640,7 +654,7 @@ fn replay(path: &Path, keys: &DataKeyRing, dedup_window: u64) -> Result<Replayed
         len: header_len as u64,
         allocated: 0,
         snapshot_len: 0,
-        mailboxes: HashMap::new(),
+        mailboxes: IndexMap::new(),
         recent: HashMap::new(),
         recent_bytes: 0,
         failed: None,
@@ -1052,17 +1066,25 @@ pub(super) fn write_log(
 /// What a compaction starts from: the index as it was at `upto` in the file `old`.
 pub(super) struct CompactionPlan {
     old: Arc<LogFile>,
+    /// Where the first step of the plan stood: the catch-up copies from here.
     upto: u64,
     mailboxes: Vec<PlannedMailbox>,
-    /// How long making the plan held up the committer.
-    took: std::time::Duration,
+    /// The longest that one step of making the plan held up the committer, and the steps.
+    longest_step: std::time::Duration,
+    steps: usize,
 }
+
+/// How long one step of a compaction's plan holds writes, at most about (see
+/// [`MailboxLog::plan_in_steps`]); tests take one mailbox per step.
+const PLAN_STEP: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// Where a compaction's time went, for its log line: the phases that hold up the committer
 /// (`planned`, `held`) and those that share the machine with it.
 #[derive(Debug, Default)]
 struct CompactionTimes {
+    /// The longest step of the plan, and how many there were.
     planned: std::time::Duration,
+    plan_steps: usize,
     snapshot: std::time::Duration,
     catch_up: std::time::Duration,
     held: std::time::Duration,
@@ -1082,6 +1104,8 @@ struct PlannedMailbox {
     /// compaction thread.
     acked: VecDeque<(u64, MessageId)>,
     live: VecDeque<Live>,
+    /// The file's end when this mailbox was taken: its entries before it are in its state.
+    upto: u64,
 }
 
 /// A compaction's new file, written up to `copied` of the old one, and what its final step
@@ -1091,6 +1115,8 @@ struct Prepared<'k> {
     out: LogWriter<'k>,
     /// Old offset of every unacked message's entry -> where it is in the new file.
     moved: HashMap<u64, (u64, u32)>,
+    /// Mailboxes the plan took after its first step -> the file's end when each was taken.
+    later: HashMap<MailboxId, u64>,
     copied: u64,
     snapshot_len: u64,
     times: CompactionTimes,
@@ -1206,11 +1232,7 @@ impl MailboxLog {
     /// The committer: commits queued acks and appends, a batch per write, until the queue is
     /// empty. Runs on a blocking thread. When the log is due for compaction it hands a plan to
     /// `start_compaction`, which runs [`MailboxLog::compact`] on another thread.
-    pub(super) fn commit_queued(
-        &self,
-        keys: &DataKeyRing,
-        start_compaction: &dyn Fn(CompactionPlan),
-    ) {
+    pub(super) fn commit_queued(&self, keys: &DataKeyRing, start_compaction: &dyn Fn()) {
         struct Guard<'a>(&'a MailboxLog);
         impl Drop for Guard<'_> {
             fn drop(&mut self) {
@@ -1250,8 +1272,8 @@ impl MailboxLog {
             for (pending, result) in appends.into_iter().zip(append_results) {
                 let _ = pending.done.send(result);
             }
-            if let Some(plan) = self.compaction_due() {
-                start_compaction(plan);
+            if self.compaction_due() {
+                start_compaction();
             }
         }
     }
@@ -1404,46 +1426,82 @@ impl MailboxLog {
         }
     }
 
-    /// A plan for a compaction when the log has grown enough and none is running.
-    fn compaction_due(&self) -> Option<CompactionPlan> {
+    /// Whether a compaction is due (the log has grown enough and none is running); if so, it
+    /// is marked running.
+    fn compaction_due(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
-        let _gate = lock(&self.write_gate);
         let index = lock(&self.index);
-        if index.failed.is_some()
-            || index.len < COMPACT_MIN_BYTES
-            || index.len < index.snapshot_len.saturating_mul(4)
-            || self.compacting.swap(true, SeqCst)
-        {
-            return None;
-        }
-        Some(Self::plan(&index))
+        index.failed.is_none()
+            && index.len >= COMPACT_MIN_BYTES
+            && index.len >= index.snapshot_len.saturating_mul(4)
+            && !self.compacting.swap(true, SeqCst)
     }
 
-    /// The index as of `index.len`. Call with the write gate held: a batch in flight is in the
-    /// index (applied when staged) but not yet in the file below `index.len`.
-    fn plan(index: &Index) -> CompactionPlan {
-        let began = Instant::now();
-        let mut plan = CompactionPlan {
-            old: Arc::clone(&index.file),
-            upto: index.len,
-            mailboxes: index
-                .mailboxes
-                .iter()
-                .map(|(mailbox, m)| PlannedMailbox {
+    /// The index, for a compaction to write: taken in steps of at most about [`PLAN_STEP`]
+    /// each with writes held, so the committer waits for one step and not for a copy of every
+    /// mailbox's remembered ids (which grows with the number of mailboxes: 4-9 ms with 80 busy
+    /// ones, docs/BENCHMARKS.md). Each mailbox is taken as of the file's end at its step
+    /// (`PlannedMailbox::upto`): with writes held no batch is in flight, so that is where
+    /// the mailbox's state stands. The catch-up copies from the first step's end and leaves out
+    /// each mailbox's entries before its own step.
+    fn plan_in_steps(&self) -> Result<CompactionPlan, StoreError> {
+        self.plan_in_steps_then(&mut || {})
+    }
+
+    /// [`MailboxLog::plan_in_steps`], calling `after_step` after each step, with writes let go
+    /// (tests commit between the steps).
+    fn plan_in_steps_then(
+        &self,
+        after_step: &mut dyn FnMut(),
+    ) -> Result<CompactionPlan, StoreError> {
+        let mut plan: Option<CompactionPlan> = None;
+        let mut next = 0;
+        loop {
+            let gate = lock(&self.write_gate);
+            let index = lock(&self.index);
+            let step = Instant::now();
+            index.check()?;
+            let plan = plan.get_or_insert_with(|| CompactionPlan {
+                old: Arc::clone(&index.file),
+                upto: index.len,
+                mailboxes: Vec::with_capacity(index.mailboxes.len()),
+                longest_step: std::time::Duration::ZERO,
+                steps: 0,
+            });
+            if !Arc::ptr_eq(&index.file, &plan.old) {
+                return Err(StoreError::Backend(
+                    "the log was rebuilt while a compaction planned".into(),
+                ));
+            }
+            while let Some((mailbox, m)) = index.mailboxes.get_index(next) {
+                plan.mailboxes.push(PlannedMailbox {
                     mailbox: mailbox.clone(),
                     last_seq: m.last_seq,
                     acked: m.acked.clone(),
                     live: m.live.clone(),
-                })
-                .collect(),
-            took: std::time::Duration::ZERO,
-        };
-        plan.took = began.elapsed();
-        plan
+                    upto: index.len,
+                });
+                next += 1;
+                if cfg!(test) || step.elapsed() >= PLAN_STEP {
+                    break;
+                }
+            }
+            plan.steps += 1;
+            plan.longest_step = plan.longest_step.max(step.elapsed());
+            let done = next >= index.mailboxes.len();
+            drop(index);
+            drop(gate);
+            after_step();
+            if done {
+                break;
+            }
+        }
+        plan.ok_or_else(|| StoreError::Backend("no compaction plan".into()))
     }
 
     /// Rewrites the log with only what it must keep, while the committer goes on writing to
-    /// the old file: the plan's state is written to `mailboxes.log.tmp` first, then what was
+    /// the old file: the index is taken in steps ([`MailboxLog::plan_in_steps`]), its state
+    /// is written to `mailboxes.log.tmp` first, then what was
     /// written to the old file since is copied after it (entries opened and sealed again for
     /// their new offsets) until little is left; the last part is copied with the write gate
     /// held, and the new file is renamed over the old one and the index switched to it.
@@ -1454,33 +1512,29 @@ impl MailboxLog {
     /// system's journal, and with online discard (`mount -o discard`) a journal commit after a
     /// large file was freed waited for that discard: 90-215 ms, the worst p99s of issue #8
     /// (docs/BENCHMARKS.md). The first compaction (or the first after a restart) makes a
-    /// spare before it plans again; every compaction makes the next one after.
-    pub(super) fn compact(&self, keys: &DataKeyRing, plan: CompactionPlan) {
+    /// spare before it plans; every compaction makes the next one after.
+    pub(super) fn compact(&self, keys: &DataKeyRing) {
         use std::sync::atomic::Ordering::SeqCst;
         let tmp = self.dir.join(TMP_FILE);
-        let plan = if self.dir.join(SPARE_FILE).exists() {
-            plan
-        } else {
-            match in_background(|| fill_spare(&self.dir, SPARE_BYTES)) {
-                Ok(()) => {
-                    drop(plan);
-                    let _gate = lock(&self.write_gate);
-                    Self::plan(&lock(&self.index))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "mailbox log: cannot make a spare; compacting without");
-                    plan
-                }
+        if !self.dir.join(SPARE_FILE).exists() {
+            if let Err(e) = in_background(|| fill_spare(&self.dir, SPARE_BYTES)) {
+                tracing::warn!(error = %e, "mailbox log: cannot make a spare; compacting without");
             }
-        };
+        }
+        // The plan is made at this thread's priority: its steps hold writes.
+        let planned = self.plan_in_steps();
         // Writing the new file shares the machine with the committer; only the switch holds
         // it up, and runs at this thread's priority (see `in_background`).
-        match in_background(|| self.prepare(keys, plan)).and_then(|p| self.switch(keys, p)) {
+        match planned
+            .and_then(|plan| in_background(|| self.prepare(keys, plan)))
+            .and_then(|p| self.switch(keys, p))
+        {
             Ok((before, after, old, times)) => {
                 tracing::info!(
                     before,
                     after,
                     planned_ms = CompactionTimes::ms(times.planned),
+                    plan_steps = times.plan_steps,
                     snapshot_ms = CompactionTimes::ms(times.snapshot),
                     catch_up_ms = CompactionTimes::ms(times.catch_up),
                     held_ms = CompactionTimes::ms(times.held),
@@ -1522,13 +1576,24 @@ impl MailboxLog {
         keys: &DataKeyRing,
         spare_size: Option<u64>,
     ) -> Result<(), StoreError> {
+        self.compact_now_then(keys, spare_size, &mut || {})
+    }
+
+    /// [`MailboxLog::compact_now`], calling `after_step` after each step of the plan (see
+    /// [`MailboxLog::plan_in_steps_then`]).
+    #[cfg(test)]
+    pub(super) fn compact_now_then(
+        &self,
+        keys: &DataKeyRing,
+        spare_size: Option<u64>,
+        after_step: &mut dyn FnMut(),
+    ) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
-        let plan = {
-            let _gate = lock(&self.write_gate);
-            Self::plan(&lock(&self.index))
-        };
         self.compacting.store(true, SeqCst);
-        let result = self.prepare(keys, plan).and_then(|p| self.switch(keys, p));
+        let plan = self.plan_in_steps_then(after_step);
+        let result = plan
+            .and_then(|plan| self.prepare(keys, plan))
+            .and_then(|p| self.switch(keys, p));
         self.compacting.store(false, SeqCst);
         let (_, _, old, _) = result?;
         match spare_size {
@@ -1550,7 +1615,8 @@ impl MailboxLog {
         plan: CompactionPlan,
     ) -> Result<Prepared<'k>, StoreError> {
         let mut times = CompactionTimes {
-            planned: plan.took,
+            planned: plan.longest_step,
+            plan_steps: plan.steps,
             ..CompactionTimes::default()
         };
         let phase = Instant::now();
@@ -1561,13 +1627,19 @@ impl MailboxLog {
         let mut out = LogWriter::create_in(tmp, keys, old.generation.wrapping_add(1), over_zeros)?;
         // Old offset of every unacked message's entry -> where it is in the new file.
         let mut moved: HashMap<u64, (u64, u32)> = HashMap::new();
+        // Mailboxes taken after the plan's first step, and where each was taken.
+        let mut later: HashMap<MailboxId, u64> = HashMap::new();
         for PlannedMailbox {
             mailbox,
             last_seq,
             acked,
             live,
+            upto,
         } in plan.mailboxes
         {
+            if upto > plan.upto {
+                later.insert(mailbox.clone(), upto);
+            }
             let messages = live
                 .iter()
                 .map(|l| read_message(keys, &old, &mailbox, *l))
@@ -1599,7 +1671,7 @@ impl MailboxLog {
             if upto.saturating_sub(copied) <= CATCH_UP_BYTES {
                 break;
             }
-            self.copy_tail(keys, &old, copied, upto, &mut out, &mut moved)?;
+            self.copy_tail(keys, &old, copied, upto, &later, &mut out, &mut moved)?;
             out.sync()?;
             copied = upto;
         }
@@ -1608,6 +1680,7 @@ impl MailboxLog {
             old,
             out,
             moved,
+            later,
             copied,
             snapshot_len,
             times,
@@ -1626,6 +1699,7 @@ impl MailboxLog {
             old,
             mut out,
             mut moved,
+            later,
             copied,
             snapshot_len,
             mut times,
@@ -1634,7 +1708,7 @@ impl MailboxLog {
         let _gate = lock(&self.write_gate);
         let phase = Instant::now();
         let upto = lock(&self.index).len;
-        self.copy_tail(keys, &old, copied, upto, &mut out, &mut moved)?;
+        self.copy_tail(keys, &old, copied, upto, &later, &mut out, &mut moved)?;
         let mut index = lock(&self.index);
         if !Arc::ptr_eq(&index.file, &old) {
             return Err(StoreError::Backend("the log was rebuilt meanwhile".into()));
@@ -1687,13 +1761,17 @@ impl MailboxLog {
     }
 
     /// Copies the entries of the old file in `from..upto` (whole batches) to `out`, sealed
-    /// again for their new offsets; records where each append went.
+    /// again for their new offsets; records where each append went. An entry of a mailbox in
+    /// `later` written before that mailbox was taken for the plan is left out: the mailbox's
+    /// state in the new file already holds it.
+    #[allow(clippy::too_many_arguments)]
     fn copy_tail(
         &self,
         keys: &DataKeyRing,
         old: &LogFile,
         from: u64,
         upto: u64,
+        later: &HashMap<MailboxId, u64>,
         out: &mut LogWriter<'_>,
         moved: &mut HashMap<u64, (u64, u32)>,
     ) -> Result<(), StoreError> {
@@ -1708,6 +1786,15 @@ impl MailboxLog {
         while pos < bytes.len() {
             let (entries, end) = parse_batch(&bytes, pos, from, old.generation, keys)?;
             for entry in entries {
+                if !later.is_empty() {
+                    let mailbox = entry_mailbox(&entry.plain)?;
+                    if later
+                        .get(&mailbox)
+                        .is_some_and(|&taken| entry.offset < taken)
+                    {
+                        continue;
+                    }
+                }
                 let at = out.push(&entry.plain)?;
                 if entry.plain.first() == Some(&KIND_APPEND) {
                     moved.insert(entry.offset, at);
