@@ -564,12 +564,13 @@ impl EmbeddedStore {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
             let compact = || {
-                let inner = Arc::clone(&inner);
+                let worker = Arc::clone(&inner);
                 let spawned = std::thread::Builder::new()
                     .name("mailbox-compaction".into())
-                    .spawn(move || inner.mailboxes.compact(&inner.keys));
+                    .spawn(move || worker.mailboxes.compact(&worker.keys));
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a mailbox log compaction");
+                    inner.mailboxes.compaction_not_started();
                 }
             };
             inner.mailboxes.commit_queued(&inner.keys, &compact)

@@ -67,8 +67,6 @@
 //! batch is on disk.
 
 use std::collections::{HashMap, VecDeque};
-
-use indexmap::IndexMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -76,6 +74,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+
+use indexmap::IndexMap;
 
 use crate::metrics::Histogram;
 
@@ -1230,8 +1230,9 @@ impl MailboxLog {
     }
 
     /// The committer: commits queued acks and appends, a batch per write, until the queue is
-    /// empty. Runs on a blocking thread. When the log is due for compaction it hands a plan to
-    /// `start_compaction`, which runs [`MailboxLog::compact`] on another thread.
+    /// empty. Runs on a blocking thread. When the log is due for compaction it calls
+    /// `start_compaction`, which runs [`MailboxLog::compact`] on another thread (or, if it
+    /// cannot start one, [`MailboxLog::compaction_not_started`]).
     pub(super) fn commit_queued(&self, keys: &DataKeyRing, start_compaction: &dyn Fn()) {
         struct Guard<'a>(&'a MailboxLog);
         impl Drop for Guard<'_> {
@@ -1435,6 +1436,13 @@ impl MailboxLog {
             && index.len >= COMPACT_MIN_BYTES
             && index.len >= index.snapshot_len.saturating_mul(4)
             && !self.compacting.swap(true, SeqCst)
+    }
+
+    /// After [`MailboxLog::compaction_due`] said yes but no thread could run the compaction:
+    /// the next commit tries again.
+    pub(super) fn compaction_not_started(&self) {
+        self.compacting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The index, for a compaction to write: taken in steps of at most about [`PLAN_STEP`]
