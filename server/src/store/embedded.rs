@@ -1404,14 +1404,8 @@ mod tests {
     async fn writes_between_the_steps_of_a_compactions_plan_are_kept_once() {
         let (dir, keys, store) = opened().await;
         let (ann, ben) = (MailboxId::new("ann", 1), MailboxId::new("ben", 1));
-        for n in 1..=3u8 {
-            for m in [&ann, &ben] {
-                store
-                    .append(m, [n; 16], vec![n], 100)
-                    .await
-                    .expect("append");
-            }
-        }
+        append_n(&store, &ann, 1..4).await;
+        append_n(&store, &ben, 1..4).await;
         store.ack(&ann, 1).await.expect("ack");
         let s = store.clone();
         let (a, b) = (ann.clone(), ben.clone());
@@ -1423,8 +1417,8 @@ mod tests {
                 let request = AppendRequest {
                     mailbox: m.clone(),
                     message_id: [n; 16],
-                    record: vec![n],
-                    max_depth: 100,
+                    record: vec![n; 40],
+                    max_depth: 1000,
                 };
                 for answer in log.enqueue_appends(vec![request], commit) {
                     answer.blocking_recv().expect("answer").expect("append");
@@ -1453,23 +1447,15 @@ mod tests {
         })
         .await
         .expect("join");
-        let seqs = |store: EmbeddedStore, mailbox: MailboxId| async move {
-            store
-                .fetch(&mailbox, 0, 100)
-                .await
-                .expect("fetch")
-                .into_iter()
-                .map(|m| m.seq)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(seqs(store.clone(), ann.clone()).await, [2, 3, 4]);
-        assert_eq!(seqs(store.clone(), ben.clone()).await, [3, 4, 5]);
+        // (seq, id): the ids were appended as 1, 2, 3, ... in each mailbox.
+        assert_eq!(ids_in(&store, &ann).await, [(2, 2), (3, 3), (4, 4)]);
+        assert_eq!(ids_in(&store, &ben).await, [(3, 3), (4, 4), (5, 5)]);
         drop(store);
         let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
             .await
             .expect("reopen");
-        assert_eq!(seqs(store.clone(), ann).await, [2, 3, 4]);
-        assert_eq!(seqs(store.clone(), ben.clone()).await, [3, 4, 5]);
+        assert_eq!(ids_in(&store, &ann).await, [(2, 2), (3, 3), (4, 4)]);
+        assert_eq!(ids_in(&store, &ben).await, [(3, 3), (4, 4), (5, 5)]);
         assert_eq!(store.next_seq(&ben).await.expect("next"), 6);
     }
 
