@@ -456,20 +456,18 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The mailbox an entry's plaintext is about.
-fn entry_mailbox(plain: &[u8]) -> Result<MailboxId, StoreError> {
-    let rest = plain
-        .get(1..)
-        .ok_or_else(|| StoreError::Corrupt("empty mailbox log entry".into()))?;
-    Reader(rest).mailbox()
-}
-
-fn decode_entry(plain: &[u8]) -> Result<Entry, StoreError> {
+/// An entry plaintext's kind and mailbox, and a reader at what follows them.
+fn entry_head(plain: &[u8]) -> Result<(u8, MailboxId, Reader<'_>), StoreError> {
     let Some((&kind, rest)) = plain.split_first() else {
         return Err(StoreError::Corrupt("empty mailbox log entry".into()));
     };
     let mut r = Reader(rest);
     let mailbox = r.mailbox()?;
+    Ok((kind, mailbox, r))
+}
+
+fn decode_entry(plain: &[u8]) -> Result<Entry, StoreError> {
+    let (kind, mailbox, mut r) = entry_head(plain)?;
     Ok(match kind {
         KIND_APPEND => Entry::Append {
             mailbox,
@@ -1795,7 +1793,7 @@ impl MailboxLog {
             let (entries, end) = parse_batch(&bytes, pos, from, old.generation, keys)?;
             for entry in entries {
                 if !later.is_empty() {
-                    let mailbox = entry_mailbox(&entry.plain)?;
+                    let (_, mailbox, _) = entry_head(&entry.plain)?;
                     if later
                         .get(&mailbox)
                         .is_some_and(|&taken| entry.offset < taken)
