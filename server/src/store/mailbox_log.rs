@@ -160,7 +160,11 @@ struct Mailbox {
     live: VecDeque<Live>,
     /// Acked ids remembered for duplicate detection, oldest first.
     acked: VecDeque<(u64, MessageId)>,
-    /// Every remembered id (unacked or in `acked`) -> its seq.
+    /// Every remembered id (unacked or in `acked`) -> its seq, and ids forgotten since the
+    /// last purge: an id whose seq is older than the oldest remembered one is forgotten (see
+    /// [`Mailbox::remembered_seq`]). Forgetting an id is then no lookup at all; a removal
+    /// per acked message was one more cache miss in a table of 10 000 ids per busy mailbox,
+    /// 3% of a loaded server's CPU (docs/BENCHMARKS.md, issue #8). See [`Mailbox::purge`].
     ids: HashMap<MessageId, u64>,
 }
 
@@ -180,20 +184,49 @@ impl Mailbox {
         removed
     }
 
+    /// Forgets the oldest acked ids beyond the window. They stay in `ids` until a purge.
     fn forget_beyond(&mut self, dedup_window: u64) {
-        while self.acked.len() as u64 > dedup_window {
-            if let Some((seq, id)) = self.acked.pop_front() {
-                // One lookup: the table is large (10 000 ids per busy mailbox) and each
-                // probe is likely a cache miss.
-                if let std::collections::hash_map::Entry::Occupied(known) = self.ids.entry(id) {
-                    if *known.get() == seq {
-                        known.remove();
-                    }
-                }
-            }
+        let excess = (self.acked.len() as u64).saturating_sub(dedup_window);
+        if excess > 0 {
+            // At most `dedup_window` fits in memory, so `excess` does too.
+            self.acked.drain(..excess as usize);
+            self.purge();
+        }
+    }
+
+    /// The seq of every remembered id is at least this (`u64::MAX`: none is remembered).
+    /// Acked ids are forgotten oldest first and every unacked seq is newer than every acked
+    /// one, so the remembered ids are exactly those at or after the oldest one kept.
+    fn oldest_remembered(&self) -> u64 {
+        match (self.acked.front(), self.live.front()) {
+            (Some(&(seq, _)), _) => seq,
+            (None, Some(l)) => l.seq,
+            (None, None) => u64::MAX,
+        }
+    }
+
+    /// The seq of `id` if it is remembered.
+    fn remembered_seq(&self, id: &MessageId) -> Option<u64> {
+        self.ids
+            .get(id)
+            .copied()
+            .filter(|&seq| seq >= self.oldest_remembered())
+    }
+
+    /// Drops the forgotten ids from `ids` once they are a fifth of it. One pass over the
+    /// table per that many acks is a few nanoseconds per ack, and the table stays within the
+    /// size it grows to anyway (hashbrown keeps it at most 7/8 full).
+    fn purge(&mut self) {
+        let remembered = self.acked.len() + self.live.len();
+        if self.ids.len() > remembered + remembered / 4 + PURGE_SLACK {
+            let oldest = self.oldest_remembered();
+            self.ids.retain(|_, seq| *seq >= oldest);
         }
     }
 }
+
+/// Forgotten ids a mailbox's table may hold beyond a quarter of its remembered ones.
+const PURGE_SLACK: usize = 16;
 
 /// The open log file and its generation.
 struct LogFile {
@@ -1321,10 +1354,14 @@ impl MailboxLog {
             for (i, p) in appends.iter().enumerate() {
                 let r = &p.request;
                 let (last_seq, depth, known) = match index.mailboxes.get(&r.mailbox) {
-                    Some(m) => (m.last_seq, m.live.len() as u64, m.ids.get(&r.message_id)),
+                    Some(m) => (
+                        m.last_seq,
+                        m.live.len() as u64,
+                        m.remembered_seq(&r.message_id),
+                    ),
                     None => (0, 0, None),
                 };
-                if let Some(&seq) = known {
+                if let Some(seq) = known {
                     append_results.push(Ok(AppendOutcome {
                         seq,
                         duplicate: true,
@@ -1998,6 +2035,58 @@ mod tests {
             caller,
             "the caller's priority changed"
         );
+    }
+
+    /// Many acks past a small window: every remembered id answers with its seq, every
+    /// forgotten one as unknown, and the table of ids holds few forgotten ones.
+    #[test]
+    fn forgotten_ids_stay_forgotten_and_the_table_of_ids_stays_small() {
+        let window = 100u64;
+        let mut m = Mailbox::default();
+        let id = |seq: u64| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&seq.to_be_bytes());
+            id
+        };
+        let mut largest_table = 0;
+        for seq in 1..=5000u64 {
+            m.ids.insert(id(seq), seq);
+            m.live.push_back(Live {
+                seq,
+                message_id: id(seq),
+                offset: 0,
+                sealed_len: 0,
+            });
+            if seq % 32 == 0 {
+                m.ack(seq - 3, window, |_| {});
+                largest_table = largest_table.max(m.ids.len());
+            }
+        }
+        // Acked up to 4989: 4890..=4989 acked and remembered, 4990..=5000 unacked.
+        assert_eq!(m.acked.len() as u64, window);
+        for seq in 1..=5000u64 {
+            let expected = (seq >= 4890).then_some(seq);
+            assert_eq!(m.remembered_seq(&id(seq)), expected, "id of seq {seq}");
+        }
+        let remembered = (window + 32) as usize;
+        assert!(
+            largest_table <= remembered + remembered / 4 + PURGE_SLACK + 32,
+            "the table grew to {largest_table} ids"
+        );
+        // An id sent again after it was forgotten is remembered under its new seq.
+        m.ids.insert(id(7), 5001);
+        m.live.push_back(Live {
+            seq: 5001,
+            message_id: id(7),
+            offset: 0,
+            sealed_len: 0,
+        });
+        assert_eq!(m.remembered_seq(&id(7)), Some(5001));
+        // With nothing left to remember, nothing is.
+        m.ack(5001, 0, |_| {});
+        assert_eq!(m.remembered_seq(&id(7)), None);
+        assert_eq!(m.remembered_seq(&id(5000)), None);
+        assert!(m.ids.len() <= PURGE_SLACK, "{} ids kept", m.ids.len());
     }
 
     #[test]
