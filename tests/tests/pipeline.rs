@@ -129,3 +129,93 @@ async fn pipelined_sends_are_batched_yet_answered_and_delivered_in_order_each_on
         "{frames} frames in {batches} batches: no batching"
     );
 }
+
+/// Sends one frame and waits for its answer (`SendAck` or `Error`).
+async fn send_one(
+    client: &mut chatctl::client::Client,
+    i: usize,
+    to_user: &str,
+    to_device: u32,
+) -> ServerFrame {
+    let frame = ClientFrame::Send {
+        message_id: message_id(i),
+        to_user: to_user.into(),
+        to_device,
+        envelope: Envelope::RatchetMessage {
+            message: vec![i as u8],
+        }
+        .encode(),
+    };
+    client.conn.send(&frame).await.expect("send");
+    loop {
+        match client.conn.next_frame(Duration::from_secs(10)).await {
+            Ok(f @ (ServerFrame::SendAck { .. } | ServerFrame::Error { .. })) => return f,
+            Ok(_) => {}
+            Err(e) => panic!("no answer to send {i}: {e:#}"),
+        }
+    }
+}
+
+/// The server remembers the recipients a session found so that later sends skip the account
+/// read; what it remembers is a user's device, and only one that exists: a user who registers
+/// after a refused send is found at the next one, and another device of a known user is
+/// still checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_remembers_only_recipients_that_exist_and_only_their_device() {
+    let world = World::new().expect("server");
+    let mut alice = world.register("alice").await.expect("alice");
+    let bob = world.register("bob").await.expect("bob");
+    drop(bob);
+
+    let code = |f: &ServerFrame| match f {
+        ServerFrame::Error { code, .. } => Some(*code),
+        _ => None,
+    };
+    assert_eq!(
+        code(&send_one(&mut alice, 1, "carol", DEVICE_ID).await),
+        Some(ErrorCode::UnknownUser)
+    );
+    drop(world.register("carol").await.expect("carol"));
+    assert_eq!(
+        code(&send_one(&mut alice, 2, "carol", DEVICE_ID).await),
+        None,
+        "carol registered"
+    );
+
+    assert_eq!(code(&send_one(&mut alice, 3, "bob", DEVICE_ID).await), None);
+    assert_eq!(
+        code(&send_one(&mut alice, 4, "bob", DEVICE_ID + 1).await),
+        Some(ErrorCode::UnknownDevice),
+        "bob's other device does not exist"
+    );
+    assert_eq!(code(&send_one(&mut alice, 5, "bob", DEVICE_ID).await), None);
+    assert_eq!(
+        code(&send_one(&mut alice, 6, "carol", DEVICE_ID + 1).await),
+        Some(ErrorCode::UnknownDevice)
+    );
+
+    // Sends to a remembered recipient are one store call each (the append), where reading
+    // the account made two.
+    let before = store_calls(&world).await;
+    for i in 10..20 {
+        assert_eq!(code(&send_one(&mut alice, i, "bob", DEVICE_ID).await), None);
+    }
+    assert_eq!(store_calls(&world).await - before, 10);
+}
+
+/// Store calls timed by the server so far (`chatapp_store_latency_seconds_count`).
+async fn store_calls(world: &World) -> u64 {
+    let tls = chatctl::supervisor::observe::tls_connector(&world.server.ca()).expect("tls");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], world.server.port));
+    let text = chatctl::supervisor::observe::https_get(&tls, addr, "/metrics")
+        .await
+        .expect("GET /metrics");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("chatapp_store_latency_seconds_count")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no store latency count in /metrics:\n{text}"))
+}
