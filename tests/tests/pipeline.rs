@@ -24,22 +24,28 @@ fn message_id(i: usize) -> MessageId {
     id
 }
 
-/// `(frames in, batches)` from the server's `/metrics`.
-async fn frame_counters(world: &World) -> (u64, u64) {
+/// Counters `names` from the server's `/metrics`, in order.
+async fn counters<const N: usize>(world: &World, names: [&str; N]) -> [u64; N] {
     let tls = chatctl::supervisor::observe::tls_connector(&world.server.ca()).expect("tls");
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], world.server.port));
     let text = chatctl::supervisor::observe::https_get(&tls, addr, "/metrics")
         .await
         .expect("GET /metrics");
-    let value = |name: &str| {
+    names.map(|name| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
-    };
-    (
-        value("chatapp_frames_in_total"),
-        value("chatapp_frame_batches_total"),
+    })
+}
+
+/// `(frames in, batches)` from the server's `/metrics`.
+async fn frame_counters(world: &World) -> (u64, u64) {
+    let [frames, batches] = counters(
+        world,
+        ["chatapp_frames_in_total", "chatapp_frame_batches_total"],
     )
+    .await;
+    (frames, batches)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,26 +202,11 @@ async fn a_session_remembers_only_recipients_that_exist_and_only_their_device() 
 
     // Sends to a remembered recipient are one store call each (the append), where reading
     // the account made two.
-    let before = store_calls(&world).await;
+    let store_calls = || counters(&world, ["chatapp_store_latency_seconds_count"]);
+    let [before] = store_calls().await;
     for i in 10..20 {
         assert_eq!(code(&send_one(&mut alice, i, "bob", DEVICE_ID).await), None);
     }
-    assert_eq!(store_calls(&world).await - before, 10);
-}
-
-/// Store calls timed by the server so far (`chatapp_store_latency_seconds_count`).
-async fn store_calls(world: &World) -> u64 {
-    let tls = chatctl::supervisor::observe::tls_connector(&world.server.ca()).expect("tls");
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], world.server.port));
-    let text = chatctl::supervisor::observe::https_get(&tls, addr, "/metrics")
-        .await
-        .expect("GET /metrics");
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("chatapp_store_latency_seconds_count")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no store latency count in /metrics:\n{text}"))
+    let [after] = store_calls().await;
+    assert_eq!(after - before, 10);
 }
