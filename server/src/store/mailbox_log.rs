@@ -184,6 +184,13 @@ impl Mailbox {
         removed
     }
 
+    /// Adds an unacked message and remembers its id.
+    fn append(&mut self, live: Live) {
+        self.last_seq = self.last_seq.max(live.seq);
+        self.ids.insert(live.message_id, live.seq);
+        self.live.push_back(live);
+    }
+
     /// Forgets the oldest acked ids beyond the window. They stay in `ids` until a purge.
     fn forget_beyond(&mut self, dedup_window: u64) {
         let excess = (self.acked.len() as u64).saturating_sub(dedup_window);
@@ -267,9 +274,7 @@ impl Index {
             Some(entry) => entry,
             None => self.mailboxes.entry(mailbox.clone()).or_default(),
         };
-        entry.last_seq = entry.last_seq.max(live.seq);
-        entry.ids.insert(live.message_id, live.seq);
-        entry.live.push_back(live);
+        entry.append(live);
     }
 
     fn apply_ack(&mut self, mailbox: &MailboxId, up_to_seq: u64, dedup_window: u64) -> u64 {
@@ -2049,14 +2054,14 @@ mod tests {
             id
         };
         let mut largest_table = 0;
+        let live = |seq: u64, message_id: MessageId| Live {
+            seq,
+            message_id,
+            offset: 0,
+            sealed_len: 0,
+        };
         for seq in 1..=5000u64 {
-            m.ids.insert(id(seq), seq);
-            m.live.push_back(Live {
-                seq,
-                message_id: id(seq),
-                offset: 0,
-                sealed_len: 0,
-            });
+            m.append(live(seq, id(seq)));
             if seq % 32 == 0 {
                 m.ack(seq - 3, window, |_| {});
                 largest_table = largest_table.max(m.ids.len());
@@ -2074,13 +2079,7 @@ mod tests {
             "the table grew to {largest_table} ids"
         );
         // An id sent again after it was forgotten is remembered under its new seq.
-        m.ids.insert(id(7), 5001);
-        m.live.push_back(Live {
-            seq: 5001,
-            message_id: id(7),
-            offset: 0,
-            sealed_len: 0,
-        });
+        m.append(live(5001, id(7)));
         assert_eq!(m.remembered_seq(&id(7)), Some(5001));
         // With nothing left to remember, nothing is.
         m.ack(5001, 0, |_| {});
