@@ -71,7 +71,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -1470,7 +1470,6 @@ impl MailboxLog {
     /// Whether a compaction is due (the log has grown enough and none is running); if so, it
     /// is marked running.
     fn compaction_due(&self) -> bool {
-        use std::sync::atomic::Ordering::SeqCst;
         let index = lock(&self.index);
         index.failed.is_none()
             && index.len >= COMPACT_MIN_BYTES
@@ -1481,8 +1480,7 @@ impl MailboxLog {
     /// After [`MailboxLog::compaction_due`] said yes but no thread could run the compaction:
     /// the next commit tries again.
     pub(super) fn compaction_not_started(&self) {
-        self.compacting
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.compacting.store(false, SeqCst);
     }
 
     /// The index, for a compaction to write: taken in steps of at most about [`PLAN_STEP`]
@@ -1562,7 +1560,6 @@ impl MailboxLog {
     /// (docs/BENCHMARKS.md). The first compaction (or the first after a restart) makes a
     /// spare before it plans; every compaction makes the next one after.
     pub(super) fn compact(&self, keys: &DataKeyRing) {
-        use std::sync::atomic::Ordering::SeqCst;
         let tmp = self.dir.join(TMP_FILE);
         if !self.dir.join(SPARE_FILE).exists() {
             if let Err(e) = in_background(|| fill_spare(&self.dir, SPARE_BYTES)) {
@@ -1636,7 +1633,6 @@ impl MailboxLog {
         spare_size: Option<u64>,
         after_step: &mut dyn FnMut(),
     ) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering::SeqCst;
         self.compacting.store(true, SeqCst);
         let plan = self.plan_in_steps_then(after_step);
         let result = plan
