@@ -3,12 +3,14 @@
 //!
 //! tokio-tungstenite over hyper's upgraded connection, no permessage-deflate, messages capped at
 //! `MAX_FRAME_BYTES`, small read and write buffers (idle sockets must stay cheap: about 7 KiB
-//! each, see issue #8 in `docs/BENCHMARKS.md`). One writer task owns
-//! the sink; the reader, the delivery loop and shutdown all send to it through a bounded channel,
-//! so a slow reader applies back-pressure instead of growing memory. A session closes with the
+//! each, see issue #8 in `docs/BENCHMARKS.md`). Two tasks per socket: the reader handles frames
+//! and queues the answers, shutdown and the start of delivery through a bounded channel to the
+//! writer, which owns the sink and also pushes the mailbox once the device has logged in, so a
+//! slow reader applies back-pressure instead of growing memory. A session closes with the
 //! reconnect code when the server shuts down or when a gradual drain reaches it.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -19,6 +21,8 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
+use tokio::sync::{Notify, futures::OwnedNotified};
+use tokio::time::Sleep;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
@@ -26,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::node::{MailboxRecord, Node, Session, SessionState};
 use crate::read_ahead::ReadAhead;
-use crate::store::MailboxId;
+use crate::store::{MailboxId, StoreError, StoredMessage};
 
 /// Envelopes fetched from the store per delivery round.
 const DELIVERY_BATCH: usize = 64;
@@ -41,13 +45,20 @@ const READ_BUFFER: usize = 1024;
 /// See [`websocket_config`].
 const WRITE_BUFFER: usize = 8 * 1024;
 
-/// What the writer task sends. Frames travel encoded. The channel allocates its slots 32 at a
+/// What the reader tells the writer task. Frames travel encoded. The channel allocates its slots 32 at a
 /// time per socket (a tokio block, one per idle socket), so the item is kept at 16 bytes: a
 /// 512-byte block instead of the 1 KiB of a `Vec` beside a `(CloseCode, &str)`.
 enum Outgoing {
     Frame(Box<[u8]>),
     /// Rare: boxed to keep the item small.
-    Close(Box<(CloseCode, &'static str)>),
+    Control(Box<Control>),
+}
+
+enum Control {
+    /// Close the socket with this code and reason.
+    Close(CloseCode, &'static str),
+    /// The session has logged in: push this mailbox from now on, in place of any earlier one.
+    Deliver(MailboxId),
 }
 
 const _: () = assert!(std::mem::size_of::<Outgoing>() <= 16);
@@ -58,7 +69,7 @@ impl Outgoing {
     }
 
     fn close(code: CloseCode, reason: &'static str) -> Self {
-        Outgoing::Close(Box::new((code, reason)))
+        Outgoing::Control(Box::new(Control::Close(code, reason)))
     }
 }
 
@@ -97,51 +108,16 @@ type Socket = WebSocketStream<ReadAhead<TokioIo<Upgraded>>>;
 
 async fn run(
     node: Arc<Node>,
-    mut sink: SplitSink<Socket, Message>,
+    sink: SplitSink<Socket, Message>,
     mut stream: SplitStream<Socket>,
     peer: SocketAddr,
 ) {
-    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
-    let writer_node = node.clone();
-    let writer = tokio::spawn(async move {
-        // Frames queued together go out with one flush.
-        let mut next = out_rx.recv().await;
-        while let Some(out) = next.take() {
-            match out {
-                Outgoing::Frame(bytes) => {
-                    writer_node.metrics.frames_out.fetch_add(1, Relaxed);
-                    if sink.feed(Message::Binary(bytes.into())).await.is_err() {
-                        break;
-                    }
-                    next = match out_rx.try_recv() {
-                        Ok(out) => Some(out),
-                        Err(_) => {
-                            if sink.flush().await.is_err() {
-                                break;
-                            }
-                            out_rx.recv().await
-                        }
-                    };
-                }
-                Outgoing::Close(close) => {
-                    let (code, reason) = *close;
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code: code.as_u16().into(),
-                            reason: reason.into(),
-                        })))
-                        .await;
-                    break;
-                }
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
+    let mut writer = tokio::spawn(write(node.clone(), sink, out_rx));
 
     let mut session = Session::new(peer.ip());
     let mut shutdown = node.shutdown.subscribe();
     let (session_id, mut drain) = node.session_started();
-    let mut delivery: Option<tokio::task::JoinHandle<()>> = None;
     let idle = Duration::from_secs(node.config.limits.unauthenticated_idle_secs);
     let pipelined = node.config.limits.pipelined_frames.max(1);
     // A message read while gathering a batch that is not part of it, handled next.
@@ -191,10 +167,9 @@ async fn run(
                     }
                 }
                 if let Some(mailbox) = session.start_delivery.take() {
-                    if let Some(old) = delivery.take() {
-                        old.abort();
-                    }
-                    delivery = Some(tokio::spawn(deliver(node.clone(), mailbox, out_tx.clone())));
+                    let _ = out_tx
+                        .send(Outgoing::Control(Box::new(Control::Deliver(mailbox))))
+                        .await;
                 }
             }
             Some(Ok(Message::Text(_))) => {
@@ -214,9 +189,6 @@ async fn run(
         }
     };
     node.session_ended(session_id);
-    if let Some(task) = delivery.take() {
-        task.abort();
-    }
     if let SessionState::Authenticated {
         username,
         device_id,
@@ -229,61 +201,198 @@ async fn run(
         let _ = out_tx.send(Outgoing::close(code, reason)).await;
     }
     drop(out_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // The writer ends once it has written what was queued; one that cannot (a peer that reads
+    // nothing) is stopped, with its delivery.
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
-/// Pushes every envelope of the mailbox in order, then waits for more.
-async fn deliver(node: Arc<Node>, mailbox: MailboxId, out: mpsc::Sender<Outgoing>) {
-    // Boxed: once per session, and with NATS a large future this task would otherwise carry.
-    let notify = Box::pin(node.backplane.subscribe(&mailbox)).await;
-    let resync = node.backplane.resync_interval();
-    let mut after = 0u64;
+/// What the writer does next.
+enum Step {
+    /// What the reader queued; `None` once the reader has ended.
+    Queued(Option<Outgoing>),
+    /// The mailbox may hold envelopes not yet pushed.
+    Mail,
+    /// Nothing else is ready: write out what was fed.
+    Flush,
+}
+
+/// The writer task: owns the sink, writes what the reader queues and, once the session has
+/// logged in, pushes the device's mailbox. Delivery runs here rather than in a task of its own
+/// so that an envelope goes from the store to the socket without a channel and another task's
+/// wake-up in between, and a socket has two tasks, not three. What the reader queued comes
+/// first; frames fed together go out with one flush, once nothing else is ready.
+async fn write(
+    node: Arc<Node>,
+    mut sink: SplitSink<Socket, Message>,
+    mut queued: mpsc::Receiver<Outgoing>,
+) {
+    let mut delivery: Option<Delivery> = None;
+    let mut unflushed = false;
     loop {
-        // Register interest before reading, so an append between the read and the wait is not missed.
-        let notified = notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let batch = match node.store.fetch(&mailbox, after, DELIVERY_BATCH).await {
-            Ok(batch) => batch,
-            Err(e) => {
-                tracing::error!(error = %e, "mailbox fetch failed");
-                let _ = out
-                    .send(Outgoing::close(
-                        CloseCode::Overloaded,
-                        "mailbox unavailable",
-                    ))
-                    .await;
-                return;
-            }
+        let step = tokio::select! {
+            biased;
+            out = queued.recv() => Step::Queued(out),
+            () = Delivery::ready(&mut delivery) => Step::Mail,
+            () = std::future::ready(()), if unflushed => Step::Flush,
         };
-        let full = batch.len() == DELIVERY_BATCH;
-        for item in batch {
-            after = item.seq;
-            let Ok(record) = MailboxRecord::decode(&item.record) else {
-                tracing::error!(seq = item.seq, "undecodable mailbox record skipped");
-                continue;
-            };
-            // Encoded before the await, so the frame is not part of this task's state.
-            let frame = Outgoing::frame(&ServerFrame::Deliver {
-                seq: item.seq,
-                message_id: item.message_id,
-                from_user: record.from_user,
-                from_device: record.from_device,
-                server_time: record.server_time,
-                envelope: record.envelope,
-            });
-            if out.send(frame).await.is_err() {
-                return;
-            }
-            node.metrics.envelopes_delivered.fetch_add(1, Relaxed);
-        }
-        if !full {
-            match resync {
-                Some(every) => {
-                    let _ = tokio::time::timeout(every, notified).await;
+        match step {
+            Step::Queued(None) => break,
+            Step::Queued(Some(Outgoing::Frame(bytes))) => {
+                node.metrics.frames_out.fetch_add(1, Relaxed);
+                if sink.feed(Message::Binary(bytes.into())).await.is_err() {
+                    break;
                 }
-                None => notified.await,
+                unflushed = true;
+            }
+            Step::Queued(Some(Outgoing::Control(control))) => match *control {
+                Control::Close(code, reason) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code: code.as_u16().into(),
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    break;
+                }
+                Control::Deliver(mailbox) => {
+                    delivery = Some(Delivery::start(&node, mailbox).await);
+                }
+            },
+            Step::Mail => {
+                let Some(mail) = delivery.as_mut() else {
+                    continue;
+                };
+                let batch = match mail.fetch(&node).await {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        tracing::error!(error = %e, "mailbox fetch failed");
+                        let _ = sink
+                            .send(Message::Close(Some(CloseFrame {
+                                code: CloseCode::Overloaded.as_u16().into(),
+                                reason: "mailbox unavailable".into(),
+                            })))
+                            .await;
+                        break;
+                    }
+                };
+                if !feed_envelopes(&node, &mut sink, batch).await {
+                    break;
+                }
+                unflushed = true;
+            }
+            Step::Flush => {
+                if sink.flush().await.is_err() {
+                    break;
+                }
+                unflushed = false;
             }
         }
+    }
+    let _ = sink.close().await;
+}
+
+/// Feeds one fetched batch to the socket as `Deliver` frames; `false` if the socket failed.
+async fn feed_envelopes(
+    node: &Node,
+    sink: &mut SplitSink<Socket, Message>,
+    batch: Vec<StoredMessage>,
+) -> bool {
+    for item in batch {
+        let Ok(record) = MailboxRecord::decode(&item.record) else {
+            tracing::error!(seq = item.seq, "undecodable mailbox record skipped");
+            continue;
+        };
+        let frame = ServerFrame::Deliver {
+            seq: item.seq,
+            message_id: item.message_id,
+            from_user: record.from_user,
+            from_device: record.from_device,
+            server_time: record.server_time,
+            envelope: record.envelope,
+        };
+        node.metrics.frames_out.fetch_add(1, Relaxed);
+        if sink
+            .feed(Message::Binary(frame.encode().into()))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        node.metrics.envelopes_delivered.fetch_add(1, Relaxed);
+    }
+    true
+}
+
+/// The push of one device's mailbox, in the writer task: every envelope in order, then a wait
+/// for the backplane to say more has come (and, with NATS, a look every resync interval).
+struct Delivery {
+    mailbox: MailboxId,
+    notify: Arc<Notify>,
+    /// Registered before each fetch, so an append between the fetch and the wait is not missed.
+    notified: Pin<Box<OwnedNotified>>,
+    /// The last seq pushed.
+    after: u64,
+    /// The last fetch was a full batch: fetch again without waiting.
+    more: bool,
+    /// With NATS: the resync interval and the timer that runs it out.
+    resync: Option<(Duration, Pin<Box<Sleep>>)>,
+}
+
+impl Delivery {
+    async fn start(node: &Node, mailbox: MailboxId) -> Self {
+        // Boxed: once per session, and with NATS a large future the writer would otherwise carry.
+        let notify = Box::pin(node.backplane.subscribe(&mailbox)).await;
+        let resync = node
+            .backplane
+            .resync_interval()
+            .map(|every| (every, Box::pin(tokio::time::sleep(every))));
+        Self {
+            mailbox,
+            notified: Box::pin(notify.clone().notified_owned()),
+            notify,
+            after: 0,
+            more: true,
+            resync,
+        }
+    }
+
+    /// Returns when the mailbox may hold envelopes not yet pushed; never without a delivery.
+    async fn ready(delivery: &mut Option<Delivery>) {
+        let Some(mail) = delivery else {
+            return std::future::pending().await;
+        };
+        if mail.more {
+            return;
+        }
+        match &mut mail.resync {
+            None => mail.notified.as_mut().await,
+            Some((_, timer)) => tokio::select! {
+                () = mail.notified.as_mut() => {}
+                () = timer.as_mut() => {}
+            },
+        }
+    }
+
+    /// The next envelopes after the last pushed, at most [`DELIVERY_BATCH`].
+    async fn fetch(&mut self, node: &Node) -> Result<Vec<StoredMessage>, StoreError> {
+        self.notified.set(self.notify.clone().notified_owned());
+        self.notified.as_mut().enable();
+        if let Some((every, timer)) = &mut self.resync {
+            timer.as_mut().reset(tokio::time::Instant::now() + *every);
+        }
+        let batch = node
+            .store
+            .fetch(&self.mailbox, self.after, DELIVERY_BATCH)
+            .await?;
+        self.more = batch.len() == DELIVERY_BATCH;
+        if let Some(last) = batch.last() {
+            self.after = last.seq;
+        }
+        Ok(batch)
     }
 }

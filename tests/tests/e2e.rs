@@ -37,7 +37,9 @@ async fn offline_recipient_receives_on_return_in_order() {
     let world = World::new().expect("world");
     let mut alice = world.register("alice").await.expect("alice");
     world.register("bob").await.expect("bob").conn.close().await;
-    for i in 0..30 {
+    // More than two of the server's delivery batches (64 envelopes each): the rest of the
+    // mailbox is fetched after each full batch without waiting for a notification.
+    for i in 0..150 {
         alice
             .send_text("bob", &format!("message {i}"))
             .await
@@ -51,7 +53,7 @@ async fn offline_recipient_receives_on_return_in_order() {
         .into_iter()
         .map(|m| m.text)
         .collect();
-    let want: Vec<String> = (0..30).map(|i| format!("message {i}")).collect();
+    let want: Vec<String> = (0..150).map(|i| format!("message {i}")).collect();
     assert_eq!(got, want);
 }
 
