@@ -45,15 +45,16 @@ const READ_BUFFER: usize = 1024;
 /// See [`websocket_config`].
 const WRITE_BUFFER: usize = 8 * 1024;
 
-/// What the reader tells the writer task. Frames travel encoded. The channel allocates its slots 32 at a
-/// time per socket (a tokio block, one per idle socket), so the item is kept at 16 bytes: a
-/// 512-byte block instead of the 1 KiB of a `Vec` beside a `(CloseCode, &str)`.
+/// What the reader tells the writer task. Frames travel encoded. The channel allocates its
+/// slots 32 at a time per socket (a tokio block, one per idle socket), so the item is kept at
+/// 16 bytes: a 512-byte block instead of the 1 KiB of a `Vec` beside a `(CloseCode, &str)`.
 enum Outgoing {
     Frame(Box<[u8]>),
     /// Rare: boxed to keep the item small.
     Control(Box<Control>),
 }
 
+/// What the reader rarely asks of the writer.
 enum Control {
     /// Close the socket with this code and reason.
     Close(CloseCode, &'static str),
@@ -251,12 +252,7 @@ async fn write(
             }
             Step::Queued(Some(Outgoing::Control(control))) => match *control {
                 Control::Close(code, reason) => {
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code: code.as_u16().into(),
-                            reason: reason.into(),
-                        })))
-                        .await;
+                    let _ = sink.send(close_message(code, reason)).await;
                     break;
                 }
                 Control::Deliver(mailbox) => {
@@ -271,12 +267,8 @@ async fn write(
                     Ok(batch) => batch,
                     Err(e) => {
                         tracing::error!(error = %e, "mailbox fetch failed");
-                        let _ = sink
-                            .send(Message::Close(Some(CloseFrame {
-                                code: CloseCode::Overloaded.as_u16().into(),
-                                reason: "mailbox unavailable".into(),
-                            })))
-                            .await;
+                        let close = close_message(CloseCode::Overloaded, "mailbox unavailable");
+                        let _ = sink.send(close).await;
                         break;
                     }
                 };
@@ -294,6 +286,13 @@ async fn write(
         }
     }
     let _ = sink.close().await;
+}
+
+fn close_message(code: CloseCode, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: code.as_u16().into(),
+        reason: reason.into(),
+    }))
 }
 
 /// Feeds one fetched batch to the socket as `Deliver` frames; `false` if the socket failed.
