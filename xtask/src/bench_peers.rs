@@ -103,6 +103,11 @@ struct Run {
     p99_ms: f64,
     rss_per_connection: Option<f64>,
     load: f64,
+    /// Share of both cores busy over the measured window (%), and CPU per delivery (µs) of the
+    /// system under test and of the load generator (pairs, group).
+    busy: Option<f64>,
+    server_us: Option<f64>,
+    load_generator_us: Option<f64>,
     /// The `--window` of the run, when [`best_window`] chose it.
     window: Option<usize>,
     /// The p99 of every repeat of a fixed-rate point, in run order, when [`median_run`] chose it.
@@ -675,6 +680,8 @@ fn start_peers(
 fn bench(chatctl: &Path, system: &System, common: &[&str], scenario: &[String]) -> Result<Run> {
     let mut args: Vec<String> = vec!["bench".into()];
     args.extend(system.args.iter().cloned());
+    // The system's RSS (idle) and CPU time (pairs, group) are read from its process.
+    args.extend(["--server-pid".into(), system.pid.to_string()]);
     args.extend(common.iter().map(|s| s.to_string()));
     args.push("--json".into());
     args.extend(scenario.iter().cloned());
@@ -723,12 +730,15 @@ fn bench(chatctl: &Path, system: &System, common: &[&str], scenario: &[String]) 
         p99_ms: num("p99_ms").unwrap_or_default(),
         rss_per_connection: num("rss_per_connection"),
         load: num("load_average").unwrap_or_default(),
+        busy: num("machine_busy_pct"),
+        server_us: num("server_cpu_us_per_msg"),
+        load_generator_us: num("load_generator_cpu_us_per_msg"),
         window: None,
         p99_runs: Vec::new(),
         failed: None,
     };
     eprintln!(
-        "xtask:   {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, sent {} delivered {}{} (load {:.2})",
+        "xtask:   {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, sent {} delivered {}{}{} (load {:.2})",
         run.msgs_per_sec,
         run.p50_ms,
         run.p99_ms,
@@ -736,6 +746,9 @@ fn bench(chatctl: &Path, system: &System, common: &[&str], scenario: &[String]) 
         run.delivered,
         run.rss_per_connection
             .map(|r| format!(", {:.1} KiB/conn", r / 1024.0))
+            .unwrap_or_default(),
+        run.busy
+            .map(|_| format!(", CPU {}", cpu_cell(&run)))
             .unwrap_or_default(),
         run.load
     );
@@ -797,8 +810,6 @@ fn measure(
             system,
             &[],
             &[
-                "--server-pid".into(),
-                system.pid.to_string(),
                 "idle".into(),
                 "--connections".into(),
                 system.idle.unwrap_or(opts.idle).min(opts.idle).to_string(),
@@ -991,7 +1002,9 @@ fn render(
          (undelivered messages per sender) of {} and the faster run is shown, its window in the \
          `window` column. Senders pipeline: what the window allows (or, at a fixed rate, what is due) leaves in \
          one write of up to 16 messages; the second throughput table writes each message \
-         alone (`--batch 1`). Ratios are row ÷ column (higher is better for rates, lower for latency and memory).",
+         alone (`--batch 1`). CPU: microseconds of CPU per delivery over the measured window, of \
+         the system under test (its process, every thread) and of the load generator, and how \
+         busy the two cores were (every process). Ratios are row ÷ column (higher is better for rates, lower for latency and memory).",
         opts.duration,
         opts.latency_duration,
         opts.latency_repeats,
@@ -1028,9 +1041,9 @@ fn render(
         );
         let _ = writeln!(
             md,
-            "| system | msgs/s | window | sent = delivered | load |{names}"
+            "| system | msgs/s | window | sent = delivered | CPU µs/msg: server, load generator; machine busy | load |{names}"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|{rule}");
+        let _ = writeln!(md, "|---|---|---|---|---|---|{rule}");
         let all = col(&|r| pick(r).msgs_per_sec);
         let rows = systems
             .iter()
@@ -1040,10 +1053,11 @@ fn render(
         for (label, run) in rows {
             let _ = writeln!(
                 md,
-                "| {label} | {:.0} | {} | {} | {:.2} |{}",
+                "| {label} | {:.0} | {} | {} | {} | {:.2} |{}",
                 run.msgs_per_sec,
                 window_cell(run),
                 same(run),
+                cpu_cell(run),
                 run.load,
                 ratio_cells(run.msgs_per_sec, &all)
             );
@@ -1056,19 +1070,20 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "| system | rate 50% | p50 ms | p99 ms | rate 90% | p50 ms | p99 ms | sent = delivered |{}",
+        "| system | rate 50% | p50 ms | p99 ms | CPU at 50% | rate 90% | p50 ms | p99 ms | sent = delivered |{}",
         names.replace(" |", " (p99 at 50%) |")
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|{rule}");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|{rule}");
     let all = col(&|r| r.at50.p99_ms);
     for (s, r) in systems.iter().zip(results) {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {} | {} |{}",
+            "| {} | {:.0} | {:.2} | {} | {} | {:.0} | {:.2} | {} | {} |{}",
             s.label,
             r.at50.msgs_per_sec,
             r.at50.p50_ms,
             p99_cell(&r.at50),
+            cpu_cell(&r.at50),
             r.at90.msgs_per_sec,
             r.at90.p50_ms,
             p99_cell(&r.at90),
@@ -1249,6 +1264,16 @@ fn render(
     md
 }
 
+/// `10.3, 8.6; 97%`: server and load generator CPU per delivery (µs) and how busy both cores
+/// were; `–` for a figure the run did not give.
+fn cpu_cell(r: &Run) -> String {
+    let us = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"));
+    let busy = r
+        .busy
+        .map_or_else(|| "–".to_owned(), |b| format!("{b:.0}%"));
+    format!("{}, {}; {busy}", us(r.server_us), us(r.load_generator_us))
+}
+
 fn window_cell(r: &Run) -> String {
     r.window.map_or_else(|| "–".into(), |w| w.to_string())
 }
@@ -1306,6 +1331,19 @@ mod tests {
             p99_ms,
             ..Run::default()
         }
+    }
+
+    #[test]
+    fn the_cpu_cell_shows_both_figures_and_the_busy_share_or_a_dash() {
+        let json = r#"{"msgs_per_sec":77285.1,"machine_busy_pct":96.6,"server_cpu_us_per_msg":10.26,"load_generator_cpu_us_per_msg":8.6}"#;
+        let r = Run {
+            busy: json_number(json, "machine_busy_pct"),
+            server_us: json_number(json, "server_cpu_us_per_msg"),
+            load_generator_us: json_number(json, "load_generator_cpu_us_per_msg"),
+            ..Run::default()
+        };
+        assert_eq!(cpu_cell(&r), "10.3, 8.6; 97%");
+        assert_eq!(cpu_cell(&Run::default()), "–, –; –");
     }
 
     #[test]

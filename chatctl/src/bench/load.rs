@@ -61,6 +61,8 @@ pub struct LoadConfig {
     /// Most messages a sender writes in one go when the window allows several (or, with
     /// `rate`, when several are due); 1 is one write per message.
     pub batch: usize,
+    /// The server's process, whose CPU time over the window is measured ([`LoadResult::cpu`]).
+    pub server_pid: Option<u32>,
 }
 
 /// What a load run measured.
@@ -76,6 +78,10 @@ pub struct LoadResult {
     /// Every delivery's send time and latency, in the order the receivers saw them, for
     /// [`timeline`].
     pub samples: Vec<Sample>,
+    /// CPU used over the window (not the drain after it), where the platform tells.
+    pub cpu: Option<super::cpu::CpuUse>,
+    /// Deliveries within the window, the messages [`LoadResult::cpu`] was spent on.
+    pub delivered_in_window: u64,
 }
 
 /// One delivery: when it was sent (nanoseconds since the run began) and how long it took.
@@ -290,6 +296,8 @@ pub async fn run<O: Outbox, I: Inbox>(
         }
     }
     let bar = chatctl::progress::spinner("measuring".into());
+    let cpu = super::cpu::CpuMeter::start(config.server_pid);
+    let delivered_before = delivered.load(Relaxed);
     let start = Instant::now();
     while start.elapsed() < config.duration {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -301,6 +309,8 @@ pub async fn run<O: Outbox, I: Inbox>(
     }
     stop.store(true, Relaxed);
     let elapsed = start.elapsed();
+    let delivered_in_window = delivered.load(Relaxed) - delivered_before;
+    let cpu = cpu.map(super::cpu::CpuMeter::stop);
     bar.set_message("draining");
     let mut sent = 0;
     for s in senders {
@@ -318,6 +328,8 @@ pub async fn run<O: Outbox, I: Inbox>(
         delivered: delivered.load(Relaxed),
         latencies: Latencies::new(samples.iter().map(|s| s.latency_ns).collect()),
         samples,
+        cpu,
+        delivered_in_window,
     })
 }
 
@@ -626,6 +638,7 @@ mod tests {
             rate,
             window: 16,
             batch,
+            server_pid: None,
         };
         let result = run(vec![flow], config).await.expect("run");
         let sizes = flushes.lock().expect("flush log").clone();
@@ -637,6 +650,14 @@ mod tests {
         let (r, sizes) = mem_run(None, 16).await;
         assert_eq!(r.sent, r.delivered);
         assert_eq!(sizes.iter().sum::<usize>() as u64, r.sent);
+        // The CPU figures cover the window only: what was delivered in it, not the drain.
+        assert!(r.cpu.is_some(), "no CPU figures on Linux");
+        assert!(
+            r.delivered_in_window > 0 && r.delivered_in_window <= r.delivered,
+            "{} in the window of {}",
+            r.delivered_in_window,
+            r.delivered
+        );
         // The window starts with 16 free places: the first write carries all of them.
         assert_eq!(sizes.first(), Some(&16), "{sizes:?}");
         assert!(sizes.iter().all(|&n| (1..=16).contains(&n)), "{sizes:?}");

@@ -4,6 +4,7 @@
 //! ([`matrix`]) over its HTTP client-server API (`PUT` to send, `/sync` long-polling to receive).
 
 pub mod chat;
+pub mod cpu;
 pub mod load;
 pub mod matrix;
 pub mod nats;

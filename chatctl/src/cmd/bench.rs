@@ -65,7 +65,8 @@ pub struct BenchArgs {
     /// Skip end-to-end encryption: measure the chat relay alone.
     #[arg(long, global = true)]
     pub raw: bool,
-    /// The server's process id: its RSS is read from /proc before and after (idle).
+    /// The server's process id: its RSS is read from /proc before and after (idle), and its CPU
+    /// time over the measured window (pairs, group: server CPU per message).
     #[arg(long, global = true)]
     pub server_pid: Option<u32>,
     /// Also report latency per slice of this length (e.g. 100ms), grouped by send time, to
@@ -176,6 +177,16 @@ pub struct BenchReport {
     pub rss_per_connection: Option<f64>,
     /// 1-minute load average at the end (the machine is shared).
     pub load_average: Option<f64>,
+    /// Share of all cores busy over the measured window, 0 to 100 (pairs, group).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_busy_pct: Option<f64>,
+    /// Server CPU time per delivery in the window, in microseconds (with `--server-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_msg: Option<f64>,
+    /// This process's (the load generator's) CPU time per delivery in the window, in
+    /// microseconds: with end-to-end encryption, the clients' sealing and opening.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_generator_cpu_us_per_msg: Option<f64>,
     /// Latency per slice of the run, by send time (`--timeline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeline: Option<Vec<load::Slice>>,
@@ -257,6 +268,17 @@ fn print_table(r: &BenchReport) {
             before as f64 / 1048576.0,
             after as f64 / 1048576.0,
             per / 1024.0
+        );
+    }
+    if let Some(busy) = r.machine_busy_pct {
+        let us = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.1} µs"));
+        let server = match r.server_cpu_us_per_msg {
+            Some(v) => format!("server {v:.1} µs, "),
+            None => "server: give --server-pid; ".to_owned(),
+        };
+        println!(
+            "CPU over the window: machine {busy:.0}% busy; per message: {server}load generator {}",
+            us(r.load_generator_cpu_us_per_msg)
         );
     }
     if let Some(load) = r.load_average {
@@ -341,6 +363,7 @@ async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
                     rate,
                     window,
                     batch,
+                    server_pid: args.server_pid,
                 },
             )
             .await?;
@@ -371,6 +394,7 @@ async fn scenario(args: &BenchArgs) -> Result<BenchReport> {
                     rate,
                     window,
                     batch,
+                    server_pid: args.server_pid,
                 },
             )
             .await?;
@@ -434,7 +458,11 @@ async fn traffic(
 }
 
 fn traffic_report(base: BenchReport, r: LoadResult, slice: Option<Duration>) -> BenchReport {
+    let per_message = |ms| drivers::cpu::CpuUse::per_message_us(ms, r.delivered_in_window);
     BenchReport {
+        machine_busy_pct: r.cpu.map(|c| c.machine_busy_pct),
+        server_cpu_us_per_msg: r.cpu.and_then(|c| per_message(c.server_ms)),
+        load_generator_cpu_us_per_msg: r.cpu.and_then(|c| per_message(c.load_generator_ms)),
         timeline: slice.map(|width| load::timeline(&r.samples, width)),
         began_at: slice
             .and(r.began)
