@@ -251,7 +251,8 @@ impl ServerProcess {
         }
     }
 
-    fn pid(&self) -> Result<u32> {
+    /// The server's process id.
+    pub fn pid(&self) -> Result<u32> {
         self.child
             .as_ref()
             .map(Child::id)

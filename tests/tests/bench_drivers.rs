@@ -53,8 +53,9 @@ fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> Killed {
     Killed(child)
 }
 
-/// Runs `chatctl bench SYSTEM --duration 1s --json SCENARIO` and returns (sent, delivered).
-fn bench(system: &[String], scenario: &[&str]) -> (u64, u64) {
+/// Runs `chatctl bench SYSTEM --duration 1s --json SCENARIO` and returns (sent, delivered) and
+/// the whole report.
+fn bench(system: &[String], scenario: &[&str]) -> (u64, u64, serde_json::Value) {
     let out = Command::new(&binaries().chatctl)
         .env("NO_COLOR", "1")
         .arg("bench")
@@ -84,7 +85,7 @@ fn bench(system: &[String], scenario: &[&str]) -> (u64, u64) {
     };
     let (sent, delivered) = (count("sent"), count("delivered"));
     eprintln!("{what}: sent {sent}, delivered {delivered}");
-    (sent, delivered)
+    (sent, delivered, json)
 }
 
 #[test]
@@ -134,6 +135,8 @@ fn every_driver_delivers_what_it_sent_pipelined_and_one_write_at_a_time() {
     .expect("chat-server");
     let s = |p: &Path| p.display().to_string();
     let chat = vec![
+        "--server-pid".to_owned(),
+        server.pid().expect("the server's pid").to_string(),
         "--server".to_owned(),
         server.url(),
         "--ca".into(),
@@ -157,15 +160,30 @@ fn every_driver_delivers_what_it_sent_pipelined_and_one_write_at_a_time() {
 
     for (label, system) in &systems {
         for batch in ["16", "1"] {
-            let (sent, delivered) = bench(system, &["pairs", "--pairs", "2", "--batch", batch]);
+            let (sent, delivered, report) =
+                bench(system, &["pairs", "--pairs", "2", "--batch", batch]);
             assert_eq!(sent, delivered, "{label}, --batch {batch}: messages lost");
+            // CPU over the window: the machine's share always, the server's with --server-pid
+            // (the chat rows), both per delivery and above zero for a second of traffic.
+            let busy = report["machine_busy_pct"]
+                .as_f64()
+                .expect("machine_busy_pct");
+            assert!(busy > 0.0 && busy <= 100.0, "{label}: {busy}% busy");
+            let own = report["load_generator_cpu_us_per_msg"].as_f64();
+            assert!(own.is_some_and(|us| us > 0.0), "{label}: {report}");
+            let server = report["server_cpu_us_per_msg"].as_f64();
+            if label.starts_with("chat-server") {
+                assert!(server.is_some_and(|us| us > 0.0), "{label}: {report}");
+            } else {
+                assert_eq!(server, None, "{label} had no --server-pid: {report}");
+            }
             assert!(
                 sent >= 100,
                 "{label}, --batch {batch}: only {sent} sent in 1 s"
             );
         }
         // 4000/s over two senders against a 1 ms timer: a couple due at every tick.
-        let (sent, delivered) = bench(system, &["pairs", "--pairs", "2", "--rate", "4000"]);
+        let (sent, delivered, _) = bench(system, &["pairs", "--pairs", "2", "--rate", "4000"]);
         assert_eq!(sent, delivered, "{label} at a fixed rate: messages lost");
         assert!(
             (2000..=6000).contains(&sent),

@@ -29,6 +29,7 @@ use drivers::{chat, matrix, nats, relay, xmpp};
 #[command(after_help = "Examples:\n  \
     chatctl bench pairs --pairs 8 --duration 10s\n  \
     chatctl bench pairs --pairs 4 --rate 2000 --json\n  \
+    chatctl bench pairs --pairs 16 --rate 40000 --server-pid 4242   # with the server's CPU per message\n  \
     chatctl bench group --members 16 --raw --server https://localhost:9443 --ca keys/tls/ca.pem\n  \
     chatctl bench idle --connections 10000 --server http://127.0.0.1:8080 --server-pid 4242\n  \
     chatctl bench connect --duration 5s\n  \
