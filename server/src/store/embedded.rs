@@ -27,8 +27,8 @@ use redb::{
 use super::mailbox_log::{MailboxLog, MailboxSnapshot};
 use super::seal::{DataKeyRing, Slot, Table};
 use super::{
-    AppendOutcome, AppendRequest, DEDUP_WINDOW, MailboxId, MessageId, Prekey, Store, StoreError,
-    StoredMessage,
+    AppendOutcome, AppendRequest, DEDUP_IDLE, DEDUP_WINDOW, MailboxId, MessageId, Prekey, Store,
+    StoreError, StoredMessage,
 };
 
 /// The database file inside the data directory.
@@ -103,13 +103,16 @@ impl EmbeddedStore {
     /// Opens `dir/chat.redb`, creating the directory and the database if needed (and
     /// recovering it after a crash). Records are sealed with the active key of `keys`.
     pub async fn open(dir: impl AsRef<Path>, keys: DataKeyRing) -> Result<Self, StoreError> {
-        Self::open_with_dedup_window(dir, keys, DEDUP_WINDOW).await
+        Self::open_with_dedup(dir, keys, DEDUP_WINDOW, DEDUP_IDLE).await
     }
 
-    async fn open_with_dedup_window(
+    /// [`EmbeddedStore::open`] with another duplicate window (see [`super::DEDUP_WINDOW`] and
+    /// [`DEDUP_IDLE`]).
+    async fn open_with_dedup(
         dir: impl AsRef<Path>,
         keys: DataKeyRing,
         dedup_window: u64,
+        dedup_idle: std::time::Duration,
     ) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_owned();
         let inner = tokio::task::spawn_blocking(move || -> Result<Inner, StoreError> {
@@ -130,7 +133,7 @@ impl EmbeddedStore {
             }
             txn.commit().map_err(db_err)?;
             move_mailboxes_to_the_log(&db, &keys, &dir)?;
-            let mailboxes = MailboxLog::open(&dir, &keys, dedup_window)?;
+            let mailboxes = MailboxLog::open(&dir, &keys, dedup_window, dedup_idle)?;
             Ok(Inner {
                 db,
                 keys,
@@ -866,10 +869,14 @@ mod tests {
     #[tokio::test]
     async fn acked_ids_beyond_the_dedup_window_are_forgotten_oldest_first() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store =
-            EmbeddedStore::open_with_dedup_window(dir.path(), DataKeyRing::generate(&mut OsRng), 2)
-                .await
-                .expect("open");
+        let store = EmbeddedStore::open_with_dedup(
+            dir.path(),
+            DataKeyRing::generate(&mut OsRng),
+            2,
+            DEDUP_IDLE,
+        )
+        .await
+        .expect("open");
         let mailbox = MailboxId::new("uma", 1);
         for n in 1..=4u8 {
             store
@@ -1172,6 +1179,55 @@ mod tests {
         // The compacted file replays to the same.
         let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
         check_compacted(&store, &a, &b).await;
+    }
+
+    #[tokio::test]
+    async fn a_compaction_forgets_the_acked_ids_of_idle_mailboxes_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = DataKeyRing::generate(&mut OsRng);
+        let idle = std::time::Duration::from_millis(300);
+        let store = EmbeddedStore::open_with_dedup(dir.path(), key_file_of(&keys), 10, idle)
+            .await
+            .expect("open");
+        let (a, b) = ann_and_ben_mostly_acked(&store).await;
+        let mailboxes = &store.inner.mailboxes;
+        assert_eq!(
+            (mailboxes.remembered(&a), mailboxes.remembered(&b)),
+            (10, 5)
+        );
+        tokio::time::sleep(idle + std::time::Duration::from_millis(100)).await;
+        // Ben's mailbox is in use again; Ann's has been idle for longer than `idle`.
+        append_n(&store, &b, 6..7).await;
+        compact_now(&store, &dir);
+        assert_eq!((mailboxes.remembered(&a), mailboxes.remembered(&b)), (0, 5));
+
+        // Ann's unacked messages and counters are all there, and so are Ben's acked ids.
+        assert_eq!(
+            ids_in(&store, &a).await,
+            (16..=20).map(|n| (n, n as u8)).collect::<Vec<_>>()
+        );
+        for (mailbox, id, seq) in [(&a, 18u8, 18u64), (&b, 5, 5), (&b, 6, 6)] {
+            let again = store
+                .append(mailbox, [id; 16], vec![id; 40], 1000)
+                .await
+                .expect("resend");
+            assert_eq!(
+                (again.seq, again.duplicate),
+                (seq, true),
+                "{mailbox} id {id}"
+            );
+        }
+        // Reopened, the compacted file brings back no forgotten id.
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
+        assert_eq!(store.inner.mailboxes.remembered(&a), 0);
+        assert_eq!(store.inner.mailboxes.remembered(&b), 5);
+        // A resend of an acked id Ann's mailbox forgot is a new message, after the last seq.
+        let forgotten = store
+            .append(&a, [11; 16], vec![11; 40], 1000)
+            .await
+            .expect("resend");
+        assert_eq!((forgotten.seq, forgotten.duplicate), (21, false));
     }
 
     #[tokio::test]

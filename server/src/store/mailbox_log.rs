@@ -43,7 +43,8 @@
 //! When the file has grown past [`COMPACT_MIN_BYTES`] and four times what the last compaction
 //! wrote, the committer starts a compaction thread. It takes the index in steps of at most
 //! about [`PLAN_STEP`] with writes held, each mailbox as of the file's end at its step (an
-//! entry of a mailbox written before its step is in its state and is not copied again); writes
+//! entry of a mailbox written before its step is in its state and is not copied again; a
+//! mailbox with no append or ack for `dedup_idle` forgets its acked ids at its step); writes
 //! every mailbox's counters, remembered ids and unacked messages to `mailboxes.log.tmp` under a
 //! new generation while the committer goes on writing to the old file; then copies what was
 //! written since the first step, and the last of it with the write gate held;
@@ -166,6 +167,9 @@ struct Mailbox {
     /// per acked message was one more cache miss in a table of 10 000 ids per busy mailbox,
     /// 3% of a loaded server's CPU (docs/BENCHMARKS.md, issue #8). See [`Mailbox::purge`].
     ids: HashMap<MessageId, u64>,
+    /// When an append or an ack last touched the mailbox, in milliseconds since the log was
+    /// opened (a replayed mailbox counts as touched at the open).
+    active_at_ms: u64,
 }
 
 impl Mailbox {
@@ -199,6 +203,17 @@ impl Mailbox {
             self.acked.drain(..excess as usize);
             self.purge();
         }
+    }
+
+    /// Forgets every acked id of a mailbox that has been idle (see [`MailboxLog::plan_in_steps`])
+    /// and gives their memory back; how many there were. The ids of unacked messages stay.
+    fn forget_acked(&mut self) -> usize {
+        let forgotten = self.acked.len();
+        self.acked = VecDeque::new();
+        let oldest = self.oldest_remembered();
+        self.ids.retain(|_, seq| *seq >= oldest);
+        self.ids.shrink_to_fit();
+        forgotten
     }
 
     /// The seq of every remembered id is at least this (`u64::MAX`: none is remembered).
@@ -259,6 +274,9 @@ struct Index {
     recent_bytes: usize,
     /// Set when the file could not be brought back to a known state: every call fails.
     failed: Option<String>,
+    /// The time of the batch being applied, in milliseconds since the log was opened (0
+    /// while replaying): what an append or ack sets `Mailbox::active_at_ms` to.
+    now_ms: u64,
 }
 
 impl Index {
@@ -275,12 +293,14 @@ impl Index {
             None => self.mailboxes.entry(mailbox.clone()).or_default(),
         };
         entry.append(live);
+        entry.active_at_ms = self.now_ms;
     }
 
     fn apply_ack(&mut self, mailbox: &MailboxId, up_to_seq: u64, dedup_window: u64) -> u64 {
         let Some(entry) = self.mailboxes.get_mut(mailbox) else {
             return 0;
         };
+        entry.active_at_ms = self.now_ms;
         let (recent, recent_bytes) = (&mut self.recent, &mut self.recent_bytes);
         entry.ack(up_to_seq, dedup_window, |l| {
             if let Some(record) = recent.remove(&l.offset) {
@@ -351,6 +371,10 @@ struct WriteQueue {
 pub(super) struct MailboxLog {
     dir: PathBuf,
     dedup_window: u64,
+    /// A compaction forgets the acked ids of a mailbox idle this long ([`super::DEDUP_IDLE`]).
+    dedup_idle: std::time::Duration,
+    /// The clock of `Mailbox::active_at_ms`.
+    opened: Instant,
     index: Mutex<Index>,
     queue: Mutex<WriteQueue>,
     /// Held by the committer for a whole batch (stage, write, fsync, account) and by a
@@ -694,6 +718,7 @@ fn replay(path: &Path, keys: &DataKeyRing, dedup_window: u64) -> Result<Replayed
         recent: HashMap::new(),
         recent_bytes: 0,
         failed: None,
+        now_ms: 0,
     };
     let mut pos = header_len;
     while pos < bytes.len() {
@@ -1108,6 +1133,9 @@ pub(super) struct CompactionPlan {
     /// The longest that one step of making the plan held up the committer, and the steps.
     longest_step: std::time::Duration,
     steps: usize,
+    /// Idle mailboxes whose acked ids the plan forgot, and how many ids.
+    forgotten_mailboxes: usize,
+    forgotten_ids: usize,
 }
 
 /// How long one step of a compaction's plan holds writes, at most about (see
@@ -1121,6 +1149,9 @@ struct CompactionTimes {
     /// The longest step of the plan, and how many there were.
     planned: std::time::Duration,
     plan_steps: usize,
+    /// Idle mailboxes whose acked ids were forgotten, and how many ids.
+    idle_mailboxes: usize,
+    forgotten_ids: usize,
     snapshot: std::time::Duration,
     catch_up: std::time::Duration,
     held: std::time::Duration,
@@ -1176,6 +1207,7 @@ impl MailboxLog {
         dir: &Path,
         keys: &DataKeyRing,
         dedup_window: u64,
+        dedup_idle: std::time::Duration,
     ) -> Result<Self, StoreError> {
         let path = dir.join(LOG_FILE);
         // A second name of a replaced log (or of this one, after a crash between the link
@@ -1200,6 +1232,8 @@ impl MailboxLog {
         Ok(MailboxLog {
             dir: dir.to_owned(),
             dedup_window,
+            dedup_idle,
+            opened: Instant::now(),
             index: Mutex::new(index),
             queue: Mutex::new(WriteQueue::default()),
             write_gate: Mutex::new(()),
@@ -1326,6 +1360,7 @@ impl MailboxLog {
         let _gate = lock(&self.write_gate);
         let mut index = lock(&self.index);
         index.check()?;
+        index.now_ms = self.now_ms();
         let file = Arc::clone(&index.file);
         let start = index.len;
         let allocated = index.allocated;
@@ -1444,6 +1479,11 @@ impl MailboxLog {
         Ok((ack_results, append_results))
     }
 
+    /// Milliseconds since the log was opened: the clock of `Mailbox::active_at_ms`.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// After a failed batch: cuts the file back to `good_len` and rebuilds the index from it,
     /// forgetting what the batch applied; if even that fails, the log refuses every call.
     fn rebuild(&self, keys: &DataKeyRing, index: &mut Index, good_len: u64) {
@@ -1459,6 +1499,12 @@ impl MailboxLog {
                 let snapshot_len = index.snapshot_len;
                 *index = fresh;
                 index.snapshot_len = snapshot_len;
+                // Replayed mailboxes count as touched now, not at the open.
+                index.now_ms = self.now_ms();
+                let now_ms = index.now_ms;
+                for m in index.mailboxes.values_mut() {
+                    m.active_at_ms = now_ms;
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "mailbox log: cannot recover from a failed write");
@@ -1504,7 +1550,7 @@ impl MailboxLog {
         let mut next = 0;
         loop {
             let gate = lock(&self.write_gate);
-            let index = lock(&self.index);
+            let mut index = lock(&self.index);
             let step = Instant::now();
             index.check()?;
             let plan = plan.get_or_insert_with(|| CompactionPlan {
@@ -1513,19 +1559,30 @@ impl MailboxLog {
                 mailboxes: Vec::with_capacity(index.mailboxes.len()),
                 longest_step: std::time::Duration::ZERO,
                 steps: 0,
+                forgotten_mailboxes: 0,
+                forgotten_ids: 0,
             });
             if !Arc::ptr_eq(&index.file, &plan.old) {
                 return Err(StoreError::Backend(
                     "the log was rebuilt while a compaction planned".into(),
                 ));
             }
-            while let Some((mailbox, m)) = index.mailboxes.get_index(next) {
+            let (now_ms, upto) = (self.now_ms(), index.len);
+            while let Some((mailbox, m)) = index.mailboxes.get_index_mut(next) {
+                // A mailbox idle for `dedup_idle` forgets its acked ids here, in memory and
+                // in the file this compaction writes (the old file still holds them until the
+                // switch; remembering an id longer is always safe).
+                let idle_ms = now_ms.saturating_sub(m.active_at_ms);
+                if !m.acked.is_empty() && u128::from(idle_ms) >= self.dedup_idle.as_millis() {
+                    plan.forgotten_ids += m.forget_acked();
+                    plan.forgotten_mailboxes += 1;
+                }
                 plan.mailboxes.push(PlannedMailbox {
                     mailbox: mailbox.clone(),
                     last_seq: m.last_seq,
                     acked: m.acked.clone(),
                     live: m.live.clone(),
-                    upto: index.len,
+                    upto,
                 });
                 next += 1;
                 if cfg!(test) || step.elapsed() >= PLAN_STEP {
@@ -1580,6 +1637,8 @@ impl MailboxLog {
                     after,
                     planned_ms = CompactionTimes::ms(times.planned),
                     plan_steps = times.plan_steps,
+                    idle_mailboxes = times.idle_mailboxes,
+                    forgotten_ids = times.forgotten_ids,
                     snapshot_ms = CompactionTimes::ms(times.snapshot),
                     catch_up_ms = CompactionTimes::ms(times.catch_up),
                     held_ms = CompactionTimes::ms(times.held),
@@ -1661,6 +1720,8 @@ impl MailboxLog {
         let mut times = CompactionTimes {
             planned: plan.longest_step,
             plan_steps: plan.steps,
+            idle_mailboxes: plan.forgotten_mailboxes,
+            forgotten_ids: plan.forgotten_ids,
             ..CompactionTimes::default()
         };
         let phase = Instant::now();

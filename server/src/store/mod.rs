@@ -32,7 +32,13 @@
 //! A message id is remembered while its message is in the mailbox, and after it is acked for
 //! the last [`DEDUP_WINDOW`] acked messages of that mailbox; a resend of an older acked
 //! message would be stored again. Clients resend within seconds, so this bounds storage per
-//! mailbox without losing the exactly-once view the user sees.
+//! mailbox without losing the exactly-once view the user sees. The embedded store also
+//! forgets the acked ids of a mailbox nothing was appended to or acked in for [`DEDUP_IDLE`]
+//! (at its next compaction), so what it keeps in memory and rewrites at every compaction
+//! grows with the mailboxes in use, not with every mailbox that ever received
+//! `DEDUP_WINDOW` messages. A resend the server no longer recognises still reaches the
+//! recipient only once: its ratchet refuses the second copy, and the clients say so instead
+//! of showing it twice.
 
 use async_trait::async_trait;
 
@@ -48,6 +54,11 @@ pub use seal::{DataKeyRing, KeyFileError};
 
 /// How many acked message ids each mailbox remembers for duplicate detection.
 pub const DEDUP_WINDOW: u64 = 10_000;
+
+/// How long a mailbox with no append and no ack keeps its acked ids in the embedded store
+/// (see "Duplicate window" above): up to 240 KiB per mailbox that reached the window, in
+/// memory and in every compaction. Ten minutes covers a client's reconnect-and-resend.
+pub const DEDUP_IDLE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
 /// A client-generated message id; resending the same id is idempotent.
 pub type MessageId = [u8; 16];
