@@ -32,13 +32,13 @@
 //! A message id is remembered while its message is in the mailbox, and after it is acked for
 //! the last [`DEDUP_WINDOW`] acked messages of that mailbox; a resend of an older acked
 //! message would be stored again. Clients resend within seconds, so this bounds storage per
-//! mailbox without losing the exactly-once view the user sees. The embedded store also
+//! mailbox without losing the exactly-once view the user sees. The protocol promises the
+//! shorter of that window and seven days. The embedded store also
 //! forgets the acked ids of a mailbox nothing was appended to or acked in for [`DEDUP_IDLE`]
 //! (at its next compaction), so what it keeps in memory and rewrites at every compaction
 //! grows with the mailboxes in use, not with every mailbox that ever received
-//! `DEDUP_WINDOW` messages. A resend the server no longer recognises still reaches the
-//! recipient only once: its ratchet refuses the second copy, and the clients say so instead
-//! of showing it twice.
+//! `DEDUP_WINDOW` messages. A resend the server no longer recognises is delivered again but
+//! shown once: the recipient's ratchet refuses the second copy, and the clients say so.
 
 use async_trait::async_trait;
 
@@ -57,8 +57,9 @@ pub const DEDUP_WINDOW: u64 = 10_000;
 
 /// How long a mailbox with no append and no ack keeps its acked ids in the embedded store
 /// (see "Duplicate window" above): up to 240 KiB per mailbox that reached the window, in
-/// memory and in every compaction. Ten minutes covers a client's reconnect-and-resend.
-pub const DEDUP_IDLE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// memory and in every compaction. Seven days, what the protocol promises (docs/PROTOCOL.md,
+/// "Idempotent resend"): every acked id of a mailbox idle that long was acked before then.
+pub const DEDUP_IDLE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 60 * 60);
 
 /// A client-generated message id; resending the same id is idempotent.
 pub type MessageId = [u8; 16];
