@@ -1206,17 +1206,7 @@ mod tests {
             ids_in(&store, &a).await,
             (16..=20).map(|n| (n, n as u8)).collect::<Vec<_>>()
         );
-        for (mailbox, id, seq) in [(&a, 18u8, 18u64), (&b, 5, 5), (&b, 6, 6)] {
-            let again = store
-                .append(mailbox, [id; 16], vec![id; 40], 1000)
-                .await
-                .expect("resend");
-            assert_eq!(
-                (again.seq, again.duplicate),
-                (seq, true),
-                "{mailbox} id {id}"
-            );
-        }
+        assert_recognised(&store, &[(&a, 18, 18), (&b, 5, 5), (&b, 6, 6)]).await;
         // Reopened, the compacted file brings back no forgotten id.
         drop(store);
         let store = EmbeddedStore::open(dir.path(), keys).await.expect("reopen");
@@ -1357,7 +1347,13 @@ mod tests {
         assert_eq!(store.depth(a).await.expect("depth"), 5);
         assert_eq!(store.next_seq(b).await.expect("next"), 6);
         // An acked id and an unacked one are both still recognised.
-        for (mailbox, id, seq) in [(a, 3u8, 3u64), (a, 18, 18), (b, 5, 5)] {
+        assert_recognised(store, &[(a, 3, 3), (a, 18, 18), (b, 5, 5)]).await;
+    }
+
+    /// Resends each `(mailbox, id)` (as [`append_n`] sent it) and checks it is answered as a
+    /// duplicate of `seq`.
+    async fn assert_recognised(store: &EmbeddedStore, resends: &[(&MailboxId, u8, u64)]) {
+        for &(mailbox, id, seq) in resends {
             let again = store
                 .append(mailbox, [id; 16], vec![id; 40], 1000)
                 .await
