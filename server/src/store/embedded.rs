@@ -1185,7 +1185,9 @@ mod tests {
     async fn a_compaction_forgets_the_acked_ids_of_idle_mailboxes_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let keys = DataKeyRing::generate(&mut OsRng);
-        let idle = std::time::Duration::from_millis(300);
+        // Long enough that Ben's append and the compaction after it (an fsync each) never
+        // take it on a loaded machine.
+        let idle = std::time::Duration::from_millis(1500);
         let store = EmbeddedStore::open_with_dedup(dir.path(), key_file_of(&keys), 10, idle)
             .await
             .expect("open");
@@ -1195,7 +1197,7 @@ mod tests {
             (mailboxes.remembered(&a), mailboxes.remembered(&b)),
             (10, 5)
         );
-        tokio::time::sleep(idle + std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(idle + std::time::Duration::from_millis(200)).await;
         // Ben's mailbox is in use again; Ann's has been idle for longer than `idle`.
         append_n(&store, &b, 6..7).await;
         compact_now(&store, &dir);
