@@ -1513,6 +1513,61 @@ mod tests {
         assert_eq!(store.next_seq(&ben).await.expect("next"), 6);
     }
 
+    /// Catch-up rounds in the background that find more to copy each time stop, and the rest
+    /// is caught up on the compaction's own thread: every write is kept once.
+    #[tokio::test]
+    async fn a_catch_up_that_falls_behind_goes_on_at_normal_priority_and_keeps_every_write() {
+        let (dir, keys, store) = opened().await;
+        let ann = MailboxId::new("ann", 1);
+        append_n(&store, &ann, 1..4).await;
+        let s = store.clone();
+        let a = ann.clone();
+        let (times, last) = tokio::task::spawn_blocking(move || {
+            let log = &s.inner.mailboxes;
+            let commit = || log.commit_queued(&s.inner.keys, &|| {});
+            let mut next = 4u8;
+            let mut append = |count: usize| {
+                for _ in 0..count {
+                    let request = AppendRequest {
+                        mailbox: a.clone(),
+                        message_id: [next; 16],
+                        record: vec![next; 40],
+                        max_depth: 1000,
+                    };
+                    for answer in log.enqueue_appends(vec![request], commit) {
+                        answer.blocking_recv().expect("answer").expect("append");
+                    }
+                    next += 1;
+                }
+            };
+            // Before round r the committer has written r + 1 messages: always more.
+            let times = log
+                .compact_now_with(&s.inner.keys, None, &mut || {}, &mut |round| {
+                    append(round + 1)
+                })
+                .expect("compact");
+            (times, next - 1)
+        })
+        .await
+        .expect("join");
+        assert_eq!(
+            times.catch_up_rounds,
+            super::super::mailbox_log::CATCH_UP_ROUNDS
+        );
+        assert!(
+            times.rounds_at_normal_priority > 0
+                && times.rounds_at_normal_priority < times.catch_up_rounds,
+            "{times:?}"
+        );
+        let all: Vec<(u64, u8)> = (1..=last).map(|n| (u64::from(n), n)).collect();
+        assert_eq!(ids_in(&store, &ann).await, all);
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("reopen");
+        assert_eq!(ids_in(&store, &ann).await, all);
+    }
+
     /// Writes mailbox rows the way the store did before the mailbox log (redb tables).
     fn write_legacy_mailbox(dir: &Path, keys: &DataKeyRing) {
         let db = create_database(&dir.join(FILE_NAME)).expect("raw open");

@@ -55,10 +55,12 @@
 //! So once a log has been compacted, the committer's writes overwrite blocks the file already
 //! has, and nothing is freed or allocated on the disk while it runs.
 //!
-//! Writing the new file, catching up and zeroing run on threads at the lowest CPU priority
+//! Writing the new file, catching up and zeroing run on threads in the idle scheduling class
 //! (`in_background`), so they take what the committer and the connections leave of the
-//! cores; the final step, which holds writes, runs at normal priority. Each compaction logs
-//! where its time went (`planned_ms` and `held_ms` hold up the committer).
+//! cores; catch-up rounds that fall behind the committer go on at normal priority, and the
+//! final step, which holds writes, runs at normal priority. A catch-up reads the old file
+//! [`COPY_CHUNK`] at a time. Each compaction logs where its time went (`planned_ms` and
+//! `held_ms` hold up the committer; `rounds_at_normal_priority` says it fell behind).
 //!
 //! # Reads
 //! The index holds, per mailbox, the counters, the remembered ids (unacked and the last
@@ -1048,13 +1050,14 @@ fn recycle(dir: &Path, old: Arc<LogFile>, size: u64) -> Result<bool, StoreError>
     Ok(true)
 }
 
-/// Runs `work` on a thread of its own at the lowest CPU priority (nice 19) and waits for it.
-/// A compaction's sealing, copying and zeroing then use what the committer, the connections
-/// and the load leave of the cores, instead of taking one from them for tens of milliseconds
-/// (docs/BENCHMARKS.md, session 13). Nothing that holds the write gate may run there: a
-/// thread at nice 19 holding it gets a sliver of a busy core while the committer waits for it
-/// (priority inversion), and an unprivileged thread cannot raise its priority back. Hence a
-/// thread per call, not a lowered compaction thread. A panic in `work` is resumed here.
+/// Runs `work` on a thread of its own at the lowest CPU priority and waits for it. A
+/// compaction's sealing, copying and zeroing then use what the committer, the connections and
+/// the load leave of the cores, instead of taking one from them for tens of milliseconds
+/// (docs/BENCHMARKS.md, session 13). The thread is `SCHED_IDLE` (see [`lower_this_thread`]).
+/// Nothing that holds the write gate may run there: a thread at the lowest priority holding
+/// it gets a sliver of a busy core while the committer waits for it (priority inversion), and
+/// an unprivileged thread cannot raise its priority back. Hence a thread per call, not a
+/// lowered compaction thread. A panic in `work` is resumed here.
 fn in_background<T: Send>(
     work: impl FnOnce() -> Result<T, StoreError> + Send,
 ) -> Result<T, StoreError> {
@@ -1062,9 +1065,7 @@ fn in_background<T: Send>(
         let handle = std::thread::Builder::new()
             .name("mailbox-compaction-bg".into())
             .spawn_scoped(scope, || {
-                if let Err(e) = rustix::process::setpriority_process(None, 19) {
-                    tracing::debug!(error = %e, "mailbox log: cannot lower a compaction thread's priority");
-                }
+                lower_this_thread();
                 work()
             })
             .map_err(|e| StoreError::Backend(format!("cannot start a compaction thread: {e}")))?;
@@ -1072,6 +1073,28 @@ fn in_background<T: Send>(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// Puts the calling thread in the `SCHED_IDLE` class, or at nice 19 where that is refused.
+/// Both give a busy core's time to every other thread first, but a thread at nice 19 still
+/// counts as a peer of the others: a connection or the committer woken while it runs may
+/// wait out its time slice. A woken thread of the normal class preempts an idle-class one at
+/// once. Measured on an aged server at half the maximum rate, the 100 ms slices during a
+/// compaction had a median p99 of 11.3 ms at nice 19 and 5.2 ms in `SCHED_IDLE`
+/// (docs/BENCHMARKS.md, session 18). The idle class gets even less of a saturated machine,
+/// so a catch-up that falls behind finishes at normal priority ([`MailboxLog::prepare`]).
+fn lower_this_thread() {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id,
+    };
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    if let Err(e) = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle) {
+        tracing::debug!(error = ?e, "mailbox log: no SCHED_IDLE for a compaction thread; nice 19");
+        if let Err(e) = rustix::process::setpriority_process(None, 19) {
+            tracing::debug!(error = %e, "mailbox log: cannot lower a compaction thread's priority");
+        }
+    }
 }
 
 /// Writes zeros over `from..to` of `file` (at `path`), [`MAX_BATCH_BYTES`] and a sync at a
@@ -1145,7 +1168,7 @@ const PLAN_STEP: std::time::Duration = std::time::Duration::from_micros(500);
 /// Where a compaction's time went, for its log line: the phases that hold up the committer
 /// (`planned`, `held`) and those that share the machine with it.
 #[derive(Debug, Default)]
-struct CompactionTimes {
+pub(super) struct CompactionTimes {
     /// The longest step of the plan, and how many there were.
     planned: std::time::Duration,
     plan_steps: usize,
@@ -1154,6 +1177,10 @@ struct CompactionTimes {
     forgotten_ids: usize,
     snapshot: std::time::Duration,
     catch_up: std::time::Duration,
+    /// Catch-up rounds in all, and those run at normal priority because the rounds in the
+    /// background fell behind the committer.
+    pub(super) catch_up_rounds: usize,
+    pub(super) rounds_at_normal_priority: usize,
     held: std::time::Duration,
 }
 
@@ -1185,15 +1212,35 @@ struct Prepared<'k> {
     /// Mailboxes the plan took after its first step -> the file's end when each was taken.
     later: HashMap<MailboxId, u64>,
     copied: u64,
+    /// What the last catch-up round copied.
+    last_round: Option<u64>,
+    /// The rounds in the background stopped because one had more to copy than the round
+    /// before: the rest is caught up at normal priority ([`MailboxLog::catch_up`]).
+    behind: bool,
     snapshot_len: u64,
     times: CompactionTimes,
+}
+
+/// A catch-up reads the old file this much at a time (and a longer batch whole), so copying
+/// a long tail does not hold all of it in memory.
+/// Tests read 256 bytes at a time, so their catch-ups cross chunks and read batches longer
+/// than one.
+const COPY_CHUNK: u64 = if cfg!(test) { 256 } else { 8 * 1024 * 1024 };
+
+/// `len` bytes of the old log file from `at`.
+fn read_old(old: &LogFile, at: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = vec![0u8; len as usize];
+    old.file
+        .read_exact_at(&mut bytes, at)
+        .map_err(|e| StoreError::Backend(format!("cannot read the mailbox log: {e}")))?;
+    Ok(bytes)
 }
 
 /// A tail of the old file copied into the new one below this many bytes is done by the
 /// compaction's final step (which holds up writes); above it, the compactor catches up again,
 /// at most [`CATCH_UP_ROUNDS`] times. Tests set it to 1 byte to run the catch-up rounds.
 const CATCH_UP_BYTES: u64 = if cfg!(test) { 1 } else { 256 * 1024 };
-const CATCH_UP_ROUNDS: usize = 8;
+pub(super) const CATCH_UP_ROUNDS: usize = 8;
 
 /// What a batch's commit answers.
 type BatchResults = (
@@ -1628,7 +1675,8 @@ impl MailboxLog {
         // Writing the new file shares the machine with the committer; only the switch holds
         // it up, and runs at this thread's priority (see `in_background`).
         match planned
-            .and_then(|plan| in_background(|| self.prepare(keys, plan)))
+            .and_then(|plan| in_background(|| self.prepare(keys, plan, &mut |_| {})))
+            .and_then(|p| self.catch_up_behind(keys, p, &mut |_| {}))
             .and_then(|p| self.switch(keys, p))
         {
             Ok((before, after, old, times)) => {
@@ -1641,6 +1689,8 @@ impl MailboxLog {
                     forgotten_ids = times.forgotten_ids,
                     snapshot_ms = CompactionTimes::ms(times.snapshot),
                     catch_up_ms = CompactionTimes::ms(times.catch_up),
+                    catch_up_rounds = times.catch_up_rounds,
+                    rounds_at_normal_priority = times.rounds_at_normal_priority,
                     held_ms = CompactionTimes::ms(times.held),
                     "mailbox log compacted"
                 );
@@ -1692,21 +1742,37 @@ impl MailboxLog {
         spare_size: Option<u64>,
         after_step: &mut dyn FnMut(),
     ) -> Result<(), StoreError> {
+        self.compact_now_with(keys, spare_size, after_step, &mut |_| {})
+            .map(|_| ())
+    }
+
+    /// [`MailboxLog::compact_now_then`], also calling `before_round` with the number of
+    /// catch-up rounds done before each look at what is left to copy; where the time went.
+    #[cfg(test)]
+    pub(super) fn compact_now_with(
+        &self,
+        keys: &DataKeyRing,
+        spare_size: Option<u64>,
+        after_step: &mut dyn FnMut(),
+        before_round: &mut dyn FnMut(usize),
+    ) -> Result<CompactionTimes, StoreError> {
         self.compacting.store(true, SeqCst);
         let plan = self.plan_in_steps_then(after_step);
         let result = plan
-            .and_then(|plan| self.prepare(keys, plan))
+            .and_then(|plan| self.prepare(keys, plan, before_round))
+            .and_then(|p| self.catch_up_behind(keys, p, before_round))
             .and_then(|p| self.switch(keys, p));
         self.compacting.store(false, SeqCst);
-        let (_, _, old, _) = result?;
+        let (_, _, old, times) = result?;
         match spare_size {
-            Some(size) => recycle(&self.dir, old, size).map(|_| ()),
+            Some(size) => recycle(&self.dir, old, size)?,
             None => {
                 let _ = std::fs::remove_file(self.dir.join(OLD_FILE));
                 release_gently(old);
-                Ok(())
+                true
             }
-        }
+        };
+        Ok(times)
     }
 
     /// The part of a compaction that runs beside the committer: writes the plan's state to
@@ -1716,6 +1782,7 @@ impl MailboxLog {
         &self,
         keys: &'k DataKeyRing,
         plan: CompactionPlan,
+        before_round: &mut dyn FnMut(usize),
     ) -> Result<Prepared<'k>, StoreError> {
         let mut times = CompactionTimes {
             planned: plan.longest_step,
@@ -1763,33 +1830,86 @@ impl MailboxLog {
         out.sync()?;
         let snapshot_len = out.len;
         times.snapshot = phase.elapsed();
-        let phase = Instant::now();
-        let mut copied = plan.upto;
-        for _ in 0..CATCH_UP_ROUNDS {
-            let upto = {
-                let index = lock(&self.index);
-                if !Arc::ptr_eq(&index.file, &old) {
-                    return Err(StoreError::Backend("the log was rebuilt meanwhile".into()));
-                }
-                index.len
-            };
-            if upto.saturating_sub(copied) <= CATCH_UP_BYTES {
-                break;
-            }
-            self.copy_tail(keys, &old, copied, upto, &later, &mut out, &mut moved)?;
-            out.sync()?;
-            copied = upto;
-        }
-        times.catch_up = phase.elapsed();
-        Ok(Prepared {
+        let mut prepared = Prepared {
             old,
             out,
             moved,
             later,
-            copied,
+            copied: plan.upto,
+            last_round: None,
+            behind: false,
             snapshot_len,
             times,
-        })
+        };
+        self.catch_up(keys, &mut prepared, true, before_round)?;
+        Ok(prepared)
+    }
+
+    /// Copies what the committer wrote to the old file since `p.copied`, a round at a time,
+    /// until what is left is small enough for the final step, or after [`CATCH_UP_ROUNDS`]
+    /// rounds in all. With `stop_when_behind` (in the background), it stops early when a round
+    /// finds more to copy than the round before, and marks `p.behind`: the committer writes
+    /// faster than a thread at the lowest priority copies, and more rounds would only grow the
+    /// new file with messages acked meanwhile (a saturated server once caught up for 37 s and
+    /// made a 1.9 GB file of a 200 MB state, docs/BENCHMARKS.md, session 18).
+    fn catch_up(
+        &self,
+        keys: &DataKeyRing,
+        p: &mut Prepared<'_>,
+        stop_when_behind: bool,
+        before_round: &mut dyn FnMut(usize),
+    ) -> Result<(), StoreError> {
+        let phase = Instant::now();
+        while p.times.catch_up_rounds < CATCH_UP_ROUNDS {
+            before_round(p.times.catch_up_rounds);
+            let upto = {
+                let index = lock(&self.index);
+                if !Arc::ptr_eq(&index.file, &p.old) {
+                    return Err(StoreError::Backend("the log was rebuilt meanwhile".into()));
+                }
+                index.len
+            };
+            let tail = upto.saturating_sub(p.copied);
+            if tail <= CATCH_UP_BYTES {
+                break;
+            }
+            if stop_when_behind && p.last_round.is_some_and(|last| tail > last) {
+                p.behind = true;
+                break;
+            }
+            self.copy_tail(
+                keys,
+                &p.old,
+                p.copied,
+                upto,
+                &p.later,
+                &mut p.out,
+                &mut p.moved,
+            )?;
+            p.out.sync()?;
+            p.copied = upto;
+            p.last_round = Some(tail);
+            p.times.catch_up_rounds += 1;
+            if !stop_when_behind {
+                p.times.rounds_at_normal_priority += 1;
+            }
+        }
+        p.times.catch_up += phase.elapsed();
+        Ok(())
+    }
+
+    /// After [`MailboxLog::prepare`]: if its rounds fell behind, the rest of the catch-up at
+    /// this thread's priority, so the final step does not copy a long tail with writes held.
+    fn catch_up_behind<'k>(
+        &self,
+        keys: &DataKeyRing,
+        mut p: Prepared<'k>,
+        before_round: &mut dyn FnMut(usize),
+    ) -> Result<Prepared<'k>, StoreError> {
+        if p.behind {
+            self.catch_up(keys, &mut p, false, before_round)?;
+        }
+        Ok(p)
     }
 
     /// The final step of a compaction, with writes held: copies the rest of the old file,
@@ -1808,6 +1928,7 @@ impl MailboxLog {
             copied,
             snapshot_len,
             mut times,
+            ..
         } = prepared;
         // The rest with writes held: no batch is in flight, so `index.len` is the file's end.
         let _gate = lock(&self.write_gate);
@@ -1880,32 +2001,43 @@ impl MailboxLog {
         out: &mut LogWriter<'_>,
         moved: &mut HashMap<u64, (u64, u32)>,
     ) -> Result<(), StoreError> {
-        if upto <= from {
-            return Ok(());
-        }
-        let mut bytes = vec![0u8; (upto - from) as usize];
-        old.file
-            .read_exact_at(&mut bytes, from)
-            .map_err(|e| StoreError::Backend(format!("cannot read the mailbox log: {e}")))?;
-        let mut pos = 0;
-        while pos < bytes.len() {
-            let (entries, end) = parse_batch(&bytes, pos, from, old.generation, keys)?;
-            for entry in entries {
-                if !later.is_empty() {
-                    let (_, mailbox, _) = entry_head(&entry.plain)?;
-                    if later
-                        .get(&mailbox)
-                        .is_some_and(|&taken| entry.offset < taken)
-                    {
-                        continue;
-                    }
-                }
-                let at = out.push(&entry.plain)?;
-                if entry.plain.first() == Some(&KIND_APPEND) {
-                    moved.insert(entry.offset, at);
+        let mut at = from;
+        while at < upto {
+            let mut bytes = read_old(old, at, (upto - at).min(COPY_CHUNK))?;
+            // A batch longer than a chunk is read whole.
+            if let Some(body) = read_u32(&bytes, 0) {
+                let batch = 4 + u64::from(body);
+                if batch > bytes.len() as u64 && at + batch <= upto {
+                    bytes = read_old(old, at, batch)?;
                 }
             }
-            pos = end;
+            let mut pos = 0;
+            loop {
+                let (entries, end) = parse_batch(&bytes, pos, at, old.generation, keys)?;
+                for entry in entries {
+                    if !later.is_empty() {
+                        let (_, mailbox, _) = entry_head(&entry.plain)?;
+                        if later
+                            .get(&mailbox)
+                            .is_some_and(|&taken| entry.offset < taken)
+                        {
+                            continue;
+                        }
+                    }
+                    let at = out.push(&entry.plain)?;
+                    if entry.plain.first() == Some(&KIND_APPEND) {
+                        moved.insert(entry.offset, at);
+                    }
+                }
+                pos = end;
+                // The next batch, if it is whole in this chunk; else the next chunk starts
+                // with it.
+                match read_u32(&bytes, pos) {
+                    Some(body) if pos + 4 + body as usize <= bytes.len() => {}
+                    _ => break,
+                }
+            }
+            at += pos as u64;
         }
         Ok(())
     }
@@ -2079,24 +2211,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn background_work_runs_at_the_lowest_priority_and_the_caller_keeps_its_own() {
-        let caller = rustix::process::getpriority_process(None).expect("own priority");
-        let (inside, thread) = in_background(|| {
-            let inside = rustix::process::getpriority_process(None).expect("priority");
-            Ok((inside, std::thread::current().id()))
-        })
-        .expect("background work");
-        assert_eq!(inside, 19, "the work ran at nice {inside}");
+    fn background_work_runs_in_the_idle_class_and_the_caller_keeps_its_own() {
+        use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
+        let policy = || thread_priority::unix::thread_schedule_policy().expect("own policy");
+        let caller = policy();
+        let (inside, thread) =
+            in_background(|| Ok((policy(), std::thread::current().id()))).expect("background work");
+        assert_eq!(
+            inside,
+            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+            "the work ran as {inside:?}"
+        );
         assert_ne!(
             thread,
             std::thread::current().id(),
             "the work ran on the caller's thread"
         );
-        assert_eq!(
-            rustix::process::getpriority_process(None).expect("own priority"),
-            caller,
-            "the caller's priority changed"
-        );
+        assert_eq!(policy(), caller, "the caller's class changed");
     }
 
     /// Many acks past a small window: every remembered id answers with its seq, every
