@@ -1568,6 +1568,63 @@ mod tests {
         assert_eq!(ids_in(&store, &ann).await, all);
     }
 
+    /// Messages appended and acked while a compaction catches up are copied without their
+    /// records; after a reopen the unacked ones are there whole, and a resend of an acked
+    /// one is still recognised.
+    #[tokio::test]
+    async fn a_catch_up_leaves_out_the_records_of_messages_acked_meanwhile() {
+        let (dir, keys, store) = opened().await;
+        let ann = MailboxId::new("ann", 1);
+        append_n(&store, &ann, 1..3).await;
+        let s = store.clone();
+        let a = ann.clone();
+        let times = tokio::task::spawn_blocking(move || {
+            let log = &s.inner.mailboxes;
+            let commit = || log.commit_queued(&s.inner.keys, &|| {});
+            log.compact_now_with(&s.inner.keys, None, &mut || {}, &mut |round| {
+                if round > 0 {
+                    return;
+                }
+                // Five new messages, and every message up to the fourth acked.
+                for n in 3..8u8 {
+                    let request = AppendRequest {
+                        mailbox: a.clone(),
+                        message_id: [n; 16],
+                        record: vec![n; 40],
+                        max_depth: 1000,
+                    };
+                    for answer in log.enqueue_appends(vec![request], commit) {
+                        answer.blocking_recv().expect("answer").expect("append");
+                    }
+                }
+                let acked = log.enqueue_ack(&a, 4, commit);
+                assert_eq!(acked.blocking_recv().expect("answer").expect("ack"), 4);
+            })
+            .expect("compact")
+        })
+        .await
+        .expect("join");
+        // 3 and 4 were written and acked after the plan; 1 and 2 were in it, acked later.
+        assert_eq!(times.records_left_out, 2, "{times:?}");
+        let unacked = [(5, 5), (6, 6), (7, 7)];
+        assert_eq!(ids_in(&store, &ann).await, unacked);
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("reopen");
+        assert_eq!(ids_in(&store, &ann).await, unacked);
+        let records: Vec<Vec<u8>> = store
+            .fetch(&ann, 0, 10)
+            .await
+            .expect("fetch")
+            .into_iter()
+            .map(|m| m.record)
+            .collect();
+        assert_eq!(records, [vec![5; 40], vec![6; 40], vec![7; 40]]);
+        assert_recognised(&store, &[(&ann, 1, 1), (&ann, 3, 3), (&ann, 4, 4)]).await;
+        assert_eq!(store.next_seq(&ann).await.expect("next"), 8);
+    }
+
     /// Writes mailbox rows the way the store did before the mailbox log (redb tables).
     fn write_legacy_mailbox(dir: &Path, keys: &DataKeyRing) {
         let db = create_database(&dir.join(FILE_NAME)).expect("raw open");

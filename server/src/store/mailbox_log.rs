@@ -26,7 +26,9 @@
 //! 3 mailbox  user device:u32 last_seq:u64 count:u32 (seq:u64 message_id:[16])*count
 //! ```
 //! `mailbox` entries are written by a compaction: the counters and remembered acked ids of a
-//! mailbox, before its unacked messages.
+//! mailbox, before its unacked messages. A compaction's catch-up writes the append of a
+//! message acked by then with an empty record: replayed, it counts the seq, and the ack after
+//! it remembers the id.
 //!
 //! # Durability and recovery
 //! A batch is written and fsynced before any caller of it is answered, and the next batch is
@@ -1082,7 +1084,7 @@ fn in_background<T: Send>(
 /// once. Measured on an aged server at half the maximum rate, the 100 ms slices during a
 /// compaction had a median p99 of 11.3 ms at nice 19 and 5.2 ms in `SCHED_IDLE`
 /// (docs/BENCHMARKS.md, session 18). The idle class gets even less of a saturated machine,
-/// so a catch-up that falls behind finishes at normal priority ([`MailboxLog::prepare`]).
+/// so a catch-up that falls behind finishes at normal priority ([`MailboxLog::catch_up`]).
 fn lower_this_thread() {
     use thread_priority::{
         NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
@@ -1181,6 +1183,8 @@ pub(super) struct CompactionTimes {
     /// background fell behind the committer.
     pub(super) catch_up_rounds: usize,
     pub(super) rounds_at_normal_priority: usize,
+    /// Appends the catch-up and the final step copied without their records (acked since).
+    pub(super) records_left_out: usize,
     held: std::time::Duration,
 }
 
@@ -1214,8 +1218,8 @@ struct Prepared<'k> {
     copied: u64,
     /// What the last catch-up round copied.
     last_round: Option<u64>,
-    /// The rounds in the background stopped because one had more to copy than the round
-    /// before: the rest is caught up at normal priority ([`MailboxLog::catch_up`]).
+    /// The rounds in the background stopped because one had more than half of what the round
+    /// before copied: the rest is caught up at normal priority ([`MailboxLog::catch_up`]).
     behind: bool,
     snapshot_len: u64,
     times: CompactionTimes,
@@ -1691,6 +1695,7 @@ impl MailboxLog {
                     catch_up_ms = CompactionTimes::ms(times.catch_up),
                     catch_up_rounds = times.catch_up_rounds,
                     rounds_at_normal_priority = times.rounds_at_normal_priority,
+                    records_left_out = times.records_left_out,
                     held_ms = CompactionTimes::ms(times.held),
                     "mailbox log compacted"
                 );
@@ -1848,10 +1853,11 @@ impl MailboxLog {
     /// Copies what the committer wrote to the old file since `p.copied`, a round at a time,
     /// until what is left is small enough for the final step, or after [`CATCH_UP_ROUNDS`]
     /// rounds in all. With `stop_when_behind` (in the background), it stops early when a round
-    /// finds more to copy than the round before, and marks `p.behind`: the committer writes
-    /// faster than a thread at the lowest priority copies, and more rounds would only grow the
-    /// new file with messages acked meanwhile (a saturated server once caught up for 37 s and
-    /// made a 1.9 GB file of a 200 MB state, docs/BENCHMARKS.md, session 18).
+    /// finds more than half of what the round before copied, and marks `p.behind`: a thread
+    /// in the idle class is not catching up with the committer, and more such rounds would
+    /// only leave the final step a long tail to copy with writes held (a saturated server at
+    /// nice 19 once caught up for 37 s; in the idle class, 8 rounds left 212 ms of copying
+    /// for the final step; docs/BENCHMARKS.md, session 18).
     fn catch_up(
         &self,
         keys: &DataKeyRing,
@@ -1873,11 +1879,11 @@ impl MailboxLog {
             if tail <= CATCH_UP_BYTES {
                 break;
             }
-            if stop_when_behind && p.last_round.is_some_and(|last| tail > last) {
+            if stop_when_behind && p.last_round.is_some_and(|last| tail > last / 2) {
                 p.behind = true;
                 break;
             }
-            self.copy_tail(
+            p.times.records_left_out += self.copy_tail(
                 keys,
                 &p.old,
                 p.copied,
@@ -1934,7 +1940,8 @@ impl MailboxLog {
         let _gate = lock(&self.write_gate);
         let phase = Instant::now();
         let upto = lock(&self.index).len;
-        self.copy_tail(keys, &old, copied, upto, &later, &mut out, &mut moved)?;
+        times.records_left_out +=
+            self.copy_tail(keys, &old, copied, upto, &later, &mut out, &mut moved)?;
         let mut index = lock(&self.index);
         if !Arc::ptr_eq(&index.file, &old) {
             return Err(StoreError::Backend("the log was rebuilt meanwhile".into()));
@@ -2000,7 +2007,8 @@ impl MailboxLog {
         later: &HashMap<MailboxId, u64>,
         out: &mut LogWriter<'_>,
         moved: &mut HashMap<u64, (u64, u32)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
+        let mut records_left_out = 0;
         let mut at = from;
         while at < upto {
             let mut bytes = read_old(old, at, (upto - at).min(COPY_CHUNK))?;
@@ -2014,7 +2022,8 @@ impl MailboxLog {
             let mut pos = 0;
             loop {
                 let (entries, end) = parse_batch(&bytes, pos, at, old.generation, keys)?;
-                for entry in entries {
+                let acked = self.acked_appends(&entries)?;
+                for (entry, acked) in entries.into_iter().zip(acked) {
                     if !later.is_empty() {
                         let (_, mailbox, _) = entry_head(&entry.plain)?;
                         if later
@@ -2023,6 +2032,14 @@ impl MailboxLog {
                         {
                             continue;
                         }
+                    }
+                    if let Some(head) = acked {
+                        // Acked since: the append without its record, which nothing reads
+                        // again. Replayed, it still counts its seq, and the ack after it in
+                        // the file remembers its id.
+                        out.push(&entry.plain[..head])?;
+                        records_left_out += 1;
+                        continue;
                     }
                     let at = out.push(&entry.plain)?;
                     if entry.plain.first() == Some(&KIND_APPEND) {
@@ -2039,7 +2056,38 @@ impl MailboxLog {
             }
             at += pos as u64;
         }
-        Ok(())
+        Ok(records_left_out)
+    }
+
+    /// For each entry, if it is an append whose message has been acked by now, the length
+    /// of its plaintext without the record. Acks only ever drop a mailbox's oldest unacked
+    /// messages, so an appended seq older than the oldest unacked one was acked. An ack the
+    /// index holds may still be in a batch being written; should that write fail, the log is
+    /// rebuilt and the compaction gives up (its final step checks), so nothing is left out
+    /// for an ack that was not kept.
+    fn acked_appends(&self, entries: &[RawEntry]) -> Result<Vec<Option<usize>>, StoreError> {
+        let heads = entries
+            .iter()
+            .map(|e| {
+                if e.plain.first() != Some(&KIND_APPEND) {
+                    return Ok(None);
+                }
+                let (_, mailbox, mut r) = entry_head(&e.plain)?;
+                let seq = r.u64()?;
+                r.id()?;
+                Ok(Some((mailbox, seq, e.plain.len() - r.0.len())))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let index = lock(&self.index);
+        Ok(heads
+            .into_iter()
+            .map(|head| {
+                let (mailbox, seq, len) = head?;
+                let m = index.mailboxes.get(&mailbox)?;
+                let acked = seq <= m.last_seq && m.live.front().is_none_or(|l| l.seq > seq);
+                acked.then_some(len)
+            })
+            .collect())
     }
 
     /// Up to `limit` durable messages with `seq > after_seq`, in seq order.
