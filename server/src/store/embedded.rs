@@ -1450,6 +1450,22 @@ mod tests {
         check(store, expected).await;
     }
 
+    /// Appends message `n` (id and record of `n`s) to `mailbox` through the log itself, as
+    /// the store's append does, on a blocking thread: a write in the middle of a compaction.
+    fn append_in_log(store: &EmbeddedStore, mailbox: &MailboxId, n: u8) {
+        let log = &store.inner.mailboxes;
+        let commit = || log.commit_queued(&store.inner.keys, &|| {});
+        let request = AppendRequest {
+            mailbox: mailbox.clone(),
+            message_id: [n; 16],
+            record: vec![n; 40],
+            max_depth: 1000,
+        };
+        for answer in log.enqueue_appends(vec![request], commit) {
+            answer.blocking_recv().expect("answer").expect("append");
+        }
+    }
+
     /// A compaction plans one mailbox per step in tests. Writes that land between the steps
     /// are in the state of a mailbox taken after them and must not be copied again (a second
     /// copy of an append makes the reopened log refuse to open); writes after a mailbox was
@@ -1467,17 +1483,7 @@ mod tests {
             let (ann, ben) = (a, b);
             let log = &s.inner.mailboxes;
             let commit = || log.commit_queued(&s.inner.keys, &|| {});
-            let append = |m: &MailboxId, n: u8| {
-                let request = AppendRequest {
-                    mailbox: m.clone(),
-                    message_id: [n; 16],
-                    record: vec![n; 40],
-                    max_depth: 1000,
-                };
-                for answer in log.enqueue_appends(vec![request], commit) {
-                    answer.blocking_recv().expect("answer").expect("append");
-                }
-            };
+            let append = |m: &MailboxId, n: u8| append_in_log(&s, m, n);
             let mut step = 0;
             s.inner
                 .mailboxes
@@ -1524,19 +1530,10 @@ mod tests {
         let a = ann.clone();
         let (times, last) = tokio::task::spawn_blocking(move || {
             let log = &s.inner.mailboxes;
-            let commit = || log.commit_queued(&s.inner.keys, &|| {});
             let mut next = 4u8;
             let mut append = |count: usize| {
                 for _ in 0..count {
-                    let request = AppendRequest {
-                        mailbox: a.clone(),
-                        message_id: [next; 16],
-                        record: vec![next; 40],
-                        max_depth: 1000,
-                    };
-                    for answer in log.enqueue_appends(vec![request], commit) {
-                        answer.blocking_recv().expect("answer").expect("append");
-                    }
+                    append_in_log(&s, &a, next);
                     next += 1;
                 }
             };
@@ -1587,15 +1584,7 @@ mod tests {
                 }
                 // Five new messages, and every message up to the fourth acked.
                 for n in 3..8u8 {
-                    let request = AppendRequest {
-                        mailbox: a.clone(),
-                        message_id: [n; 16],
-                        record: vec![n; 40],
-                        max_depth: 1000,
-                    };
-                    for answer in log.enqueue_appends(vec![request], commit) {
-                        answer.blocking_recv().expect("answer").expect("append");
-                    }
+                    append_in_log(&s, &a, n);
                 }
                 let acked = log.enqueue_ack(&a, 4, commit);
                 assert_eq!(acked.blocking_recv().expect("answer").expect("ack"), 4);
