@@ -1225,6 +1225,16 @@ struct Prepared<'k> {
     times: CompactionTimes,
 }
 
+/// How a compaction's catch-up copies one entry of the old file ([`MailboxLog::copies`]).
+enum Copy {
+    /// Not at all: the state of its mailbox in the new file holds it.
+    Not,
+    /// As it is.
+    Whole,
+    /// An append acked by now, without its record: the length of the plaintext kept.
+    WithoutRecord(usize),
+}
+
 /// A catch-up reads the old file this much at a time (and a longer batch whole), so copying
 /// a long tail does not hold all of it in memory.
 /// Tests read 256 bytes at a time, so their catch-ups cross chunks and read batches longer
@@ -1769,14 +1779,12 @@ impl MailboxLog {
             .and_then(|p| self.switch(keys, p));
         self.compacting.store(false, SeqCst);
         let (_, _, old, times) = result?;
-        match spare_size {
-            Some(size) => recycle(&self.dir, old, size)?,
-            None => {
-                let _ = std::fs::remove_file(self.dir.join(OLD_FILE));
-                release_gently(old);
-                true
-            }
-        };
+        if let Some(size) = spare_size {
+            recycle(&self.dir, old, size)?;
+        } else {
+            let _ = std::fs::remove_file(self.dir.join(OLD_FILE));
+            release_gently(old);
+        }
         Ok(times)
     }
 
@@ -1994,9 +2002,8 @@ impl MailboxLog {
     }
 
     /// Copies the entries of the old file in `from..upto` (whole batches) to `out`, sealed
-    /// again for their new offsets; records where each append went. An entry of a mailbox in
-    /// `later` written before that mailbox was taken for the plan is left out: the mailbox's
-    /// state in the new file already holds it.
+    /// again for their new offsets, as [`MailboxLog::copies`] says; records where each append
+    /// copied whole went. Returns how many appends it copied without their records.
     #[allow(clippy::too_many_arguments)]
     fn copy_tail(
         &self,
@@ -2022,28 +2029,20 @@ impl MailboxLog {
             let mut pos = 0;
             loop {
                 let (entries, end) = parse_batch(&bytes, pos, at, old.generation, keys)?;
-                let acked = self.acked_appends(&entries)?;
-                for (entry, acked) in entries.into_iter().zip(acked) {
-                    if !later.is_empty() {
-                        let (_, mailbox, _) = entry_head(&entry.plain)?;
-                        if later
-                            .get(&mailbox)
-                            .is_some_and(|&taken| entry.offset < taken)
-                        {
-                            continue;
+                let copies = self.copies(&entries, later)?;
+                for (entry, copy) in entries.into_iter().zip(copies) {
+                    match copy {
+                        Copy::Not => {}
+                        Copy::WithoutRecord(len) => {
+                            out.push(&entry.plain[..len])?;
+                            records_left_out += 1;
                         }
-                    }
-                    if let Some(head) = acked {
-                        // Acked since: the append without its record, which nothing reads
-                        // again. Replayed, it still counts its seq, and the ack after it in
-                        // the file remembers its id.
-                        out.push(&entry.plain[..head])?;
-                        records_left_out += 1;
-                        continue;
-                    }
-                    let at = out.push(&entry.plain)?;
-                    if entry.plain.first() == Some(&KIND_APPEND) {
-                        moved.insert(entry.offset, at);
+                        Copy::Whole => {
+                            let at = out.push(&entry.plain)?;
+                            if entry.plain.first() == Some(&KIND_APPEND) {
+                                moved.insert(entry.offset, at);
+                            }
+                        }
                     }
                 }
                 pos = end;
@@ -2059,33 +2058,61 @@ impl MailboxLog {
         Ok(records_left_out)
     }
 
-    /// For each entry, if it is an append whose message has been acked by now, the length
-    /// of its plaintext without the record. Acks only ever drop a mailbox's oldest unacked
-    /// messages, so an appended seq older than the oldest unacked one was acked. An ack the
-    /// index holds may still be in a batch being written; should that write fail, the log is
-    /// rebuilt and the compaction gives up (its final step checks), so nothing is left out
-    /// for an ack that was not kept.
-    fn acked_appends(&self, entries: &[RawEntry]) -> Result<Vec<Option<usize>>, StoreError> {
+    /// How [`MailboxLog::copy_tail`] copies each of `entries`, one batch of the old file; each
+    /// entry's head is read once, and the index is looked at once for the batch. An entry of a
+    /// mailbox in `later` written before that mailbox was taken for the plan is not copied.
+    /// An append whose message has been acked by now is copied without its record: acks only
+    /// ever drop a mailbox's oldest unacked messages, so an appended seq older than the oldest
+    /// unacked one was acked. An ack the index holds may still be in a batch being written;
+    /// should that write fail, the log is rebuilt and the compaction gives up (its final step
+    /// checks), so no record is left out for an ack that was not kept.
+    fn copies(
+        &self,
+        entries: &[RawEntry],
+        later: &HashMap<MailboxId, u64>,
+    ) -> Result<Vec<Copy>, StoreError> {
+        // Per entry: its mailbox and, for an append, its seq and the length of its plaintext
+        // without the record; `None` for an entry copied whole without a look.
         let heads = entries
             .iter()
             .map(|e| {
-                if e.plain.first() != Some(&KIND_APPEND) {
+                let append = e.plain.first() == Some(&KIND_APPEND);
+                if !append && later.is_empty() {
                     return Ok(None);
                 }
                 let (_, mailbox, mut r) = entry_head(&e.plain)?;
+                if !append {
+                    return Ok(Some((mailbox, None)));
+                }
                 let seq = r.u64()?;
                 r.id()?;
-                Ok(Some((mailbox, seq, e.plain.len() - r.0.len())))
+                Ok(Some((mailbox, Some((seq, e.plain.len() - r.0.len())))))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let index = lock(&self.index);
         Ok(heads
             .into_iter()
-            .map(|head| {
-                let (mailbox, seq, len) = head?;
-                let m = index.mailboxes.get(&mailbox)?;
-                let acked = seq <= m.last_seq && m.live.front().is_none_or(|l| l.seq > seq);
-                acked.then_some(len)
+            .zip(entries)
+            .map(|(head, e)| {
+                let Some((mailbox, append)) = head else {
+                    return Copy::Whole;
+                };
+                if later.get(&mailbox).is_some_and(|&taken| e.offset < taken) {
+                    return Copy::Not;
+                }
+                let Some((seq, len)) = append else {
+                    return Copy::Whole;
+                };
+                let acked = index.mailboxes.get(&mailbox).is_some_and(|m| {
+                    seq <= m.last_seq && m.live.front().is_none_or(|l| l.seq > seq)
+                });
+                if acked {
+                    // Nothing reads the record again. Replayed, the append still counts its
+                    // seq, and the ack after it in the file remembers its id.
+                    Copy::WithoutRecord(len)
+                } else {
+                    Copy::Whole
+                }
             })
             .collect())
     }
