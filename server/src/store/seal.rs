@@ -356,32 +356,50 @@ impl DataKeyRing {
         len_hint: usize,
         write: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>,
     ) -> Result<usize, StoreError> {
+        let start = out.len();
+        let len = write_to_seal(out, len_hint, write)?;
+        self.seal_in_place(table, slot, &mut out[start..])
+            .inspect_err(|_| out.truncate(start))?;
+        Ok(len)
+    }
+
+    /// Seals a record laid out by [`write_to_seal`] where it is: fills in the header and a
+    /// fresh nonce, encrypts the plaintext and writes the tag after it. `record` is exactly
+    /// the record ([`MIN_RECORD_LEN`] longer than its plaintext). Splitting the layout from
+    /// the sealing lets a caller place records (their lengths are known) while it holds a
+    /// lock, and seal them after (the mailbox log's group committer, docs/BENCHMARKS.md).
+    pub fn seal_in_place(
+        &self,
+        table: Table,
+        slot: &Slot,
+        record: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let too_short = || {
+            StoreError::Backend(format!(
+                "cannot seal a record for table {table}: {} bytes is shorter than its frame",
+                record.len()
+            ))
+        };
+        let body_len = record
+            .len()
+            .checked_sub(MIN_RECORD_LEN)
+            .ok_or_else(too_short)?;
         let key = self.active();
         let nonce = fresh_nonce();
         let header = header(key.id);
         let aad = associated_data(&header, table, slot);
         let cipher = XChaCha20Poly1305::new(Key::from_slice(key.key.as_ref()));
-        let start = out.len();
-        out.reserve(MIN_RECORD_LEN + len_hint);
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&nonce);
-        let body = out.len();
-        if let Err(e) = write(out) {
-            out.truncate(start);
-            return Err(e);
-        }
-        match cipher.encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut out[body..]) {
-            Ok(tag) => {
-                out.extend_from_slice(&tag);
-                Ok(out.len() - start)
-            }
-            Err(_) => {
-                out.truncate(start);
-                Err(StoreError::Backend(format!(
-                    "cannot seal a record for table {table}: too long"
-                )))
-            }
-        }
+        let (head, rest) = record.split_at_mut(HEADER_LEN + NONCE_LEN);
+        head[..HEADER_LEN].copy_from_slice(&header);
+        head[HEADER_LEN..].copy_from_slice(&nonce);
+        let (body, tag_out) = rest.split_at_mut(body_len);
+        let tag = cipher
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, body)
+            .map_err(|_| {
+                StoreError::Backend(format!("cannot seal a record for table {table}: too long"))
+            })?;
+        tag_out.copy_from_slice(&tag);
+        Ok(())
     }
 
     /// Opens a record read from row `slot` of `table`. Fails with [`StoreError::Unseal`] when
@@ -446,6 +464,26 @@ fn header(key_id: u32) -> [u8; HEADER_LEN] {
 fn header_of(version: u8, key_id: u32) -> [u8; HEADER_LEN] {
     let id = key_id.to_be_bytes();
     [version, id[0], id[1], id[2], id[3]]
+}
+
+/// Appends to `out` the frame of a record to be sealed by [`DataKeyRing::seal_in_place`]:
+/// room for the header and nonce, the plaintext that `write` appends (about `len_hint`
+/// bytes), room for the tag. Returns the record's length. Should `write` fail, `out` is left
+/// as it was.
+pub fn write_to_seal(
+    out: &mut Vec<u8>,
+    len_hint: usize,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>,
+) -> Result<usize, StoreError> {
+    let start = out.len();
+    out.reserve(MIN_RECORD_LEN + len_hint);
+    out.resize(start + HEADER_LEN + NONCE_LEN, 0);
+    if let Err(e) = write(out) {
+        out.truncate(start);
+        return Err(e);
+    }
+    out.resize(out.len() + TAG_LEN, 0);
+    Ok(out.len() - start)
 }
 
 fn associated_data(header: &[u8; HEADER_LEN], table: Table, slot: &Slot) -> Vec<u8> {
@@ -593,6 +631,45 @@ mod tests {
             6 + len,
             "a failed write must leave nothing behind"
         );
+    }
+
+    #[test]
+    fn a_record_laid_out_first_and_sealed_later_opens_only_in_its_own_row() {
+        let keys = ring();
+        let mut out = b"before".to_vec();
+        let len = write_to_seal(&mut out, 5, |out| {
+            out.extend_from_slice(b"hello");
+            Ok(())
+        })
+        .expect("layout");
+        assert_eq!(len, MIN_RECORD_LEN + 5);
+        assert_eq!(out.len(), 6 + len);
+        // Laid out but not sealed: the plaintext is there, and it does not open.
+        assert!(keys.open(Table::Accounts, &alice(), &out[6..]).is_err());
+        keys.seal_in_place(Table::Accounts, &alice(), &mut out[6..])
+            .expect("seal");
+        assert_eq!(&out[..6], b"before", "sealing stays inside its record");
+        assert!(
+            !out[6..].windows(5).any(|w| w == b"hello"),
+            "the plaintext is encrypted in place"
+        );
+        let opened = keys
+            .open(Table::Accounts, &alice(), &out[6..])
+            .expect("open");
+        assert_eq!(opened.as_slice(), b"hello");
+        assert!(
+            keys.open(Table::Accounts, &Slot::new().str("bob"), &out[6..])
+                .is_err(),
+            "bound to its row"
+        );
+
+        // A slice too short to hold a record is refused, not sealed past its end.
+        let mut short = [0u8; MIN_RECORD_LEN - 1];
+        assert!(
+            keys.seal_in_place(Table::Accounts, &alice(), &mut short)
+                .is_err()
+        );
+        assert_eq!(short, [0u8; MIN_RECORD_LEN - 1]);
     }
 
     #[test]
