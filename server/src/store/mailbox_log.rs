@@ -578,10 +578,9 @@ struct BatchWriter<'k> {
     generation: u64,
     /// File offset of `buf[0]` (the batch header).
     start: u64,
+    /// The batch header, then each entry's length prefix and record, laid out by `push` and
+    /// sealed by `finish`.
     buf: Vec<u8>,
-    /// Where each entry's record starts in `buf`, and its length: laid out by `push`, sealed
-    /// by `finish`.
-    unsealed: Vec<(usize, usize)>,
 }
 
 impl<'k> BatchWriter<'k> {
@@ -599,7 +598,6 @@ impl<'k> BatchWriter<'k> {
             generation,
             start,
             buf,
-            unsealed: Vec::new(),
         }
     }
 
@@ -653,7 +651,6 @@ impl<'k> BatchWriter<'k> {
             }
         };
         self.buf[at..at + 4].copy_from_slice(&sealed_len.to_le_bytes());
-        self.unsealed.push((at + 4, sealed_len as usize));
         Ok((offset, sealed_len))
     }
 
@@ -661,11 +658,17 @@ impl<'k> BatchWriter<'k> {
     fn finish(mut self) -> Result<Vec<u8>, StoreError> {
         let body = u32::try_from(self.buf.len() - 4)
             .map_err(|_| StoreError::Backend("mailbox log batch over 4 GiB".into()))?;
-        for &(at, len) in &self.unsealed {
-            // The entry's offset is that of its length prefix, just before the record.
-            let slot = entry_slot(self.generation, self.start + at as u64 - 4);
-            self.keys
-                .seal_in_place(Table::MailboxFile, &slot, &mut self.buf[at..at + len])?;
+        // Each entry, by its length prefix (whose offset is the entry's).
+        let mut at = 4;
+        while let Some(len) = read_u32(&self.buf, at) {
+            let record = at + 4..at + 4 + len as usize;
+            let slot = entry_slot(self.generation, self.start + at as u64);
+            let end = record.end;
+            let record = self.buf.get_mut(record).ok_or_else(|| {
+                StoreError::Backend("mailbox log batch: an entry runs past its end".into())
+            })?;
+            self.keys.seal_in_place(Table::MailboxFile, &slot, record)?;
+            at = end;
         }
         self.buf[..4].copy_from_slice(&body.to_le_bytes());
         Ok(self.buf)
