@@ -1239,6 +1239,11 @@ fn render(
         lossless,
     );
 
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(text) = e2e_ceiling(&chat.max, cores, nats.max.msgs_per_sec) {
+        let _ = writeln!(md, "\n{text}");
+    }
+
     let failed = systems
         .iter()
         .zip(results)
@@ -1262,6 +1267,26 @@ fn render(
     let _ = writeln!(md, "\n</details>");
     let _ = write!(md, "{END}");
     md
+}
+
+/// What the e2e throughput target can reach on this machine at best: the rate at which the
+/// load generator's own work per message (the Double Ratchet on every send and receive, its
+/// sockets) would keep every core busy with a chat-server that cost nothing, as a ratio to
+/// NATS. `None` when the run gave no load generator CPU figure.
+fn e2e_ceiling(e2e: &Run, cores: usize, nats_rate: f64) -> Option<String> {
+    let generator_us = e2e.load_generator_us.filter(|us| *us > 0.0)?;
+    let ceiling = cores as f64 * 1e6 / generator_us;
+    let vs_nats = if nats_rate > 0.0 {
+        format!("{:.2}x NATS", ceiling / nats_rate)
+    } else {
+        "NATS gave no rate".to_owned()
+    };
+    Some(format!(
+        "**Ceiling of the e2e row on this machine:** the e2e load generator alone spent \
+         {generator_us:.1} µs of CPU per message at the maximum, so its own work would keep \
+         all {cores} cores busy at {ceiling:.0} msgs/s even if chat-server cost nothing: \
+         {vs_nats}."
+    ))
 }
 
 /// `10.3, 8.6; 97%`: server and load generator CPU per delivery (µs) and how busy both cores
@@ -1331,6 +1356,29 @@ mod tests {
             p99_ms,
             ..Run::default()
         }
+    }
+
+    #[test]
+    fn the_e2e_ceiling_is_the_load_generators_own_rate_on_every_core() {
+        let run = |us: Option<f64>| Run {
+            load_generator_us: us,
+            ..Run::default()
+        };
+        let text = e2e_ceiling(&run(Some(5.0)), 2, 800_000.0).expect("a ceiling");
+        assert!(text.contains("5.0 µs"), "{text}");
+        assert!(text.contains("all 2 cores busy at 400000 msgs/s"), "{text}");
+        assert!(text.contains("0.50x NATS"), "{text}");
+        // Four cores, twice the ceiling.
+        let text = e2e_ceiling(&run(Some(5.0)), 4, 800_000.0).expect("a ceiling");
+        assert!(text.contains("all 4 cores busy at 800000 msgs/s"), "{text}");
+        assert!(text.contains("1.00x NATS"), "{text}");
+        assert!(
+            e2e_ceiling(&run(Some(5.0)), 2, 0.0)
+                .expect("a ceiling")
+                .contains("NATS gave no rate")
+        );
+        assert!(e2e_ceiling(&run(None), 2, 800_000.0).is_none());
+        assert!(e2e_ceiling(&run(Some(0.0)), 2, 800_000.0).is_none());
     }
 
     #[test]
