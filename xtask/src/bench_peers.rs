@@ -987,13 +987,15 @@ fn render(
     took: Duration,
 ) -> String {
     let (names, rule) = ratio_header();
+    // The machine's cores: the header says how many, and the e2e ceiling counts on every one.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut md = String::new();
     let _ = writeln!(md, "{START}");
     let _ = writeln!(
         md,
         "Command: `cargo xtask bench-peers --duration {} --latency-duration {} --latency-repeats {} \
          --idle {} --pairs {} --members {} --windows {}` ({:.0} s in all; load average {load_start:.2} at the start, {load_end:.2} \
-         at the end; 2 shared cores, every server and the load generator on the same machine, \
+         at the end; {cores} shared cores, every server and the load generator on the same machine, \
          loopback). Short runs ({} per point, {} per fixed-rate latency point): treat \
          differences under ~15% as noise. Every row is one \
          `chatctl bench --json` run; each fixed-rate latency point was run {} times and the run \
@@ -1004,7 +1006,7 @@ fn render(
          one write of up to 16 messages; the second throughput table writes each message \
          alone (`--batch 1`). CPU: microseconds of CPU per delivery over the measured window, of \
          the system under test (its process, every thread) and of the load generator, and how \
-         busy the two cores were (every process). Ratios are row ÷ column (higher is better for rates, lower for latency and memory).",
+         busy the {cores} cores were (every process). Ratios are row ÷ column (higher is better for rates, lower for latency and memory).",
         opts.duration,
         opts.latency_duration,
         opts.latency_repeats,
@@ -1239,7 +1241,6 @@ fn render(
         lossless,
     );
 
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Some(text) = e2e_ceiling(&chat.max, cores, nats.max.msgs_per_sec) {
         let _ = writeln!(md, "\n{text}");
     }
