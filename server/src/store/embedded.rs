@@ -1466,6 +1466,56 @@ mod tests {
         }
     }
 
+    /// A batch whose write or `fdatasync` fails is refused as a whole: its appends are not
+    /// delivered and its acks are undone (the file is cut back to the batch before and the
+    /// index rebuilt from it), nothing of it is found after a reopen, and the log goes on.
+    #[tokio::test]
+    async fn a_failed_write_refuses_its_batch_undoes_its_acks_and_the_log_goes_on() {
+        let (dir, keys, store) = opened().await;
+        let (sam, tia) = (MailboxId::new("sam", 1), MailboxId::new("tia", 1));
+        append_n(&store, &sam, 1..4).await;
+        append_n(&store, &tia, 1..2).await;
+        let (s, m, t) = (store.clone(), sam.clone(), tia.clone());
+        tokio::task::spawn_blocking(move || {
+            let log = &s.inner.mailboxes;
+            // Queued without a committer, then committed as one batch below.
+            let later = || {};
+            let request = |mailbox: &MailboxId, n: u8| AppendRequest {
+                mailbox: mailbox.clone(),
+                message_id: [n; 16],
+                record: vec![n; 40],
+                max_depth: 1000,
+            };
+            let acked = log.enqueue_ack(&m, 2, later);
+            let appended = log.enqueue_appends(vec![request(&m, 4), request(&t, 2)], later);
+            log.inject_write_failure();
+            log.commit_queued(&s.inner.keys, &|| {});
+            let ack = acked.blocking_recv().expect("answered");
+            assert!(ack.is_err(), "the ack was answered {ack:?}");
+            for answer in appended {
+                let answer = answer.blocking_recv().expect("answered");
+                assert!(answer.is_err(), "an append was answered {answer:?}");
+            }
+        })
+        .await
+        .expect("join");
+        let before = [(1, 1), (2, 2), (3, 3)];
+        assert_eq!(ids_in(&store, &sam).await, before);
+        assert_eq!(ids_in(&store, &tia).await, [(1, 1)]);
+        // The refused appends were never stored: sent again, they are new, with the same seqs.
+        append_n(&store, &sam, 4..5).await;
+        append_n(&store, &tia, 2..3).await;
+        store.ack(&sam, 1).await.expect("ack");
+        let after = [(2, 2), (3, 3), (4, 4)];
+        assert_eq!(ids_in(&store, &sam).await, after);
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
+            .await
+            .expect("reopen");
+        assert_eq!(ids_in(&store, &sam).await, after);
+        assert_eq!(ids_in(&store, &tia).await, [(1, 1), (2, 2)]);
+    }
+
     /// A compaction plans one mailbox per step in tests. Writes that land between the steps
     /// are in the state of a mailbox taken after them and must not be copied again (a second
     /// copy of an append makes the reopened log refuse to open); writes after a mailbox was

@@ -391,6 +391,10 @@ pub(super) struct MailboxLog {
     /// Entries (appends and acks) written by group commits, and the commits themselves.
     pub(super) committed_entries: AtomicU64,
     pub(super) commits: AtomicU64,
+    /// Tests: the next batch's write or `fdatasync` reports a failure (after it has in fact
+    /// been written), as a disk that lost it would.
+    #[cfg(test)]
+    fail_next_write: std::sync::atomic::AtomicBool,
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> StoreError {
@@ -1310,6 +1314,8 @@ impl MailboxLog {
             disk_latency: Histogram::default(),
             committed_entries: AtomicU64::new(0),
             commits: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_write: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -1534,6 +1540,11 @@ impl MailboxLog {
             })
             .and_then(|()| file.file.write_all_at(&bytes, start))
             .and_then(|()| file.file.sync_data());
+        #[cfg(test)]
+        let wrote = match self.fail_next_write.swap(false, SeqCst) {
+            true => Err(std::io::Error::other("injected write failure")),
+            false => wrote,
+        };
         self.disk_latency.observe(disk.elapsed());
         let mut index = lock(&self.index);
         if let Err(e) = wrote {
@@ -2168,6 +2179,12 @@ impl MailboxLog {
                 None => read_message(keys, &file, mailbox, l),
             })
             .collect()
+    }
+
+    /// The next batch finds its write failed (tests).
+    #[cfg(test)]
+    pub(super) fn inject_write_failure(&self) {
+        self.fail_next_write.store(true, SeqCst);
     }
 
     /// Records kept in memory for delivery (tests).
