@@ -707,6 +707,18 @@ mod tests {
         DataKeyRing::from_file_string(&keys.to_file_string()).expect("parse")
     }
 
+    /// Drops `store` and opens its directory again with the same key.
+    async fn reopen(
+        store: EmbeddedStore,
+        dir: &tempfile::TempDir,
+        keys: &DataKeyRing,
+    ) -> EmbeddedStore {
+        drop(store);
+        EmbeddedStore::open(dir.path(), key_file_of(keys))
+            .await
+            .expect("reopen")
+    }
+
     /// A store on a fresh directory, and its key (to reopen it with).
     async fn opened() -> (tempfile::TempDir, DataKeyRing, EmbeddedStore) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1088,10 +1100,7 @@ mod tests {
             .await
             .expect("append");
         assert_eq!((next.seq, next.duplicate), (4, false));
-        drop(store);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("reopen");
+        let store = reopen(store, &dir, &keys).await;
         assert_eq!(ids_in(&store, &mailbox).await.len(), 4);
 
         // A zero-filled tail (the file grew, its data never landed) is torn too.
@@ -1508,10 +1517,7 @@ mod tests {
         store.ack(&sam, 1).await.expect("ack");
         let after = [(2, 2), (3, 3), (4, 4)];
         assert_eq!(ids_in(&store, &sam).await, after);
-        drop(store);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("reopen");
+        let store = reopen(store, &dir, &keys).await;
         assert_eq!(ids_in(&store, &sam).await, after);
         assert_eq!(ids_in(&store, &tia).await, [(1, 1), (2, 2)]);
     }
@@ -1560,10 +1566,7 @@ mod tests {
         // (seq, id): the ids were appended as 1, 2, 3, ... in each mailbox.
         assert_eq!(ids_in(&store, &ann).await, [(2, 2), (3, 3), (4, 4)]);
         assert_eq!(ids_in(&store, &ben).await, [(3, 3), (4, 4), (5, 5)]);
-        drop(store);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("reopen");
+        let store = reopen(store, &dir, &keys).await;
         assert_eq!(ids_in(&store, &ann).await, [(2, 2), (3, 3), (4, 4)]);
         assert_eq!(ids_in(&store, &ben).await, [(3, 3), (4, 4), (5, 5)]);
         assert_eq!(store.next_seq(&ben).await.expect("next"), 6);
@@ -1608,10 +1611,7 @@ mod tests {
         );
         let all: Vec<(u64, u8)> = (1..=last).map(|n| (u64::from(n), n)).collect();
         assert_eq!(ids_in(&store, &ann).await, all);
-        drop(store);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("reopen");
+        let store = reopen(store, &dir, &keys).await;
         assert_eq!(ids_in(&store, &ann).await, all);
     }
 
@@ -1647,10 +1647,7 @@ mod tests {
         assert_eq!(times.records_left_out, 2, "{times:?}");
         let unacked = [(5, 5), (6, 6), (7, 7)];
         assert_eq!(ids_in(&store, &ann).await, unacked);
-        drop(store);
-        let store = EmbeddedStore::open(dir.path(), key_file_of(&keys))
-            .await
-            .expect("reopen");
+        let store = reopen(store, &dir, &keys).await;
         assert_eq!(ids_in(&store, &ann).await, unacked);
         let records: Vec<Vec<u8>> = store
             .fetch(&ann, 0, 10)
