@@ -796,8 +796,8 @@ fn measure(
         // chat-server's relay alone (the first system is chat-server over plain WebSocket), on
         // the same server right after its e2e maximum, so that both rows meet the same disk.
         // Measured last, after every peer had written to that disk, it read 2.5-3x lower on a
-        // virtual disk whose flushes take everyone's writes along (docs/BENCHMARKS.md,
-        // session 23).
+        // virtio disk (likely because its flushes take everyone's writes along; not proven:
+        // docs/BENCHMARKS.md, session 23).
         if i == 0 {
             raw = Some([
                 best_window(chatctl, system, &common, &raw_pairs, windows)?,
