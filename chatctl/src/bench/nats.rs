@@ -18,20 +18,28 @@ enum Event {
     Pong,
 }
 
-/// One connection: the socket and the protocol bytes not parsed yet.
+/// One connection: the socket, the protocol bytes received, and how far they are parsed.
 pub struct NatsConn {
     ws: Ws,
     buf: Vec<u8>,
+    parsed: usize,
 }
 
-/// Splits the next complete protocol message off `buf`: `Ok(None)` when more bytes are needed;
-/// `PING` is answered by the caller through `ping`.
-fn parse(buf: &mut Vec<u8>, ping: &mut bool) -> Result<Option<Event>> {
+/// Parses the next complete protocol message of `buf[*at..]` and moves `at` past it: `Ok(None)`
+/// when more bytes are needed; `PING` is answered by the caller through `ping`.
+///
+/// Parsed bytes stay in `buf` until the next read drops them all at once
+/// ([`NatsConn::next_event`]). Dropping each message off the front moved the rest of the buffer
+/// once per message: a receiver that fell behind, to which nats-server writes everything pending
+/// in one frame, then spent half its CPU in `memmove` and fell further behind (docs/BENCHMARKS.md,
+/// session 24).
+fn parse(buf: &[u8], at: &mut usize, ping: &mut bool) -> Result<Option<Event>> {
     loop {
-        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+        let rest = &buf[*at..];
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
             return Ok(None);
         };
-        let line = String::from_utf8_lossy(&buf[..eol]).into_owned();
+        let line = String::from_utf8_lossy(&rest[..eol]);
         let mut words = line.split_whitespace();
         match words.next() {
             Some("MSG") => {
@@ -40,22 +48,23 @@ fn parse(buf: &mut Vec<u8>, ping: &mut bool) -> Result<Option<Event>> {
                     .last()
                     .and_then(|s| s.parse().ok())
                     .ok_or_else(|| anyhow!("bad MSG line {line:?}"))?;
-                if buf.len() < eol + 2 + size + 2 {
+                let end = eol + 2 + size + 2;
+                if rest.len() < end {
                     return Ok(None);
                 }
-                let body = buf[eol + 2..eol + 2 + size].to_vec();
-                buf.drain(..eol + 2 + size + 2);
+                let body = rest[eol + 2..eol + 2 + size].to_vec();
+                *at += end;
                 return Ok(Some(Event::Msg(body)));
             }
             Some("PONG") => {
-                buf.drain(..eol + 2);
+                *at += eol + 2;
                 return Ok(Some(Event::Pong));
             }
             Some("PING") => *ping = true,
             Some("-ERR") => bail!("nats-server: {line}"),
             _ => {} // INFO, +OK
         }
-        buf.drain(..eol + 2);
+        *at += eol + 2;
     }
 }
 
@@ -64,6 +73,7 @@ impl NatsConn {
         let mut conn = Self {
             ws: ws::connect(url, None).await?,
             buf: Vec::new(),
+            parsed: 0,
         };
         conn.write(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"name\":\"chatctl-bench\"}\r\nPING\r\n".to_vec())
             .await?;
@@ -92,7 +102,7 @@ impl NatsConn {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let mut ping = false;
-            let event = parse(&mut self.buf, &mut ping)?;
+            let event = parse(&self.buf, &mut self.parsed, &mut ping)?;
             if ping {
                 self.write(b"PONG\r\n".to_vec()).await?;
             }
@@ -104,6 +114,9 @@ impl NatsConn {
                 Ok(None) => bail!("nats-server closed the connection"),
                 Ok(Some(m)) => m.context("NATS connection error")?,
             };
+            // What is left unparsed is at most one message: the move is short.
+            self.buf.drain(..self.parsed);
+            self.parsed = 0;
             match message {
                 Message::Binary(b) => self.buf.extend_from_slice(&b),
                 Message::Text(t) => self.buf.extend_from_slice(t.as_bytes()),
@@ -209,17 +222,40 @@ mod tests {
     #[test]
     fn parses_split_messages_and_answers_pings() {
         let mut buf = b"INFO {}\r\nPING\r\nMSG a.b 1 3\r\nab".to_vec();
-        let mut ping = false;
-        assert_eq!(parse(&mut buf, &mut ping).ok().flatten(), None);
+        let (mut at, mut ping) = (0, false);
+        assert_eq!(parse(&buf, &mut at, &mut ping).ok().flatten(), None);
         assert!(ping);
+        // INFO and PING are consumed; the cut MSG waits for its bytes.
+        assert_eq!(&buf[at..], b"MSG a.b 1 3\r\nab");
         buf.extend_from_slice(b"c\r\nPONG\r\n");
         assert_eq!(
-            parse(&mut buf, &mut ping).ok().flatten(),
+            parse(&buf, &mut at, &mut ping).ok().flatten(),
             Some(Event::Msg(b"abc".to_vec()))
         );
-        assert_eq!(parse(&mut buf, &mut ping).ok().flatten(), Some(Event::Pong));
-        assert!(buf.is_empty());
-        let mut err = b"-ERR 'Authorization Violation'\r\n".to_vec();
-        assert!(parse(&mut err, &mut ping).is_err());
+        assert_eq!(
+            parse(&buf, &mut at, &mut ping).ok().flatten(),
+            Some(Event::Pong)
+        );
+        assert_eq!(at, buf.len());
+        let err = b"-ERR 'Authorization Violation'\r\n".to_vec();
+        assert!(parse(&err, &mut 0, &mut ping).is_err());
+    }
+
+    #[test]
+    fn a_frame_of_many_messages_parses_in_order_and_keeps_a_cut_tail() {
+        let mut buf = Vec::new();
+        for i in 0..1000u32 {
+            let body = i.to_string();
+            buf.extend_from_slice(format!("MSG s 1 {}\r\n{body}\r\n", body.len()).as_bytes());
+        }
+        buf.extend_from_slice(b"MSG s 1 5\r\nab");
+        let (mut at, mut ping) = (0, false);
+        for i in 0..1000u32 {
+            let got = parse(&buf, &mut at, &mut ping).ok().flatten();
+            assert_eq!(got, Some(Event::Msg(i.to_string().into_bytes())));
+        }
+        assert_eq!(parse(&buf, &mut at, &mut ping).ok().flatten(), None);
+        assert_eq!(&buf[at..], b"MSG s 1 5\r\nab");
+        assert!(!ping);
     }
 }
