@@ -17,7 +17,10 @@
 //! rewrites the `bench-peers` section of docs/BENCHMARKS.md. The two fixed-rate runs last
 //! `--latency-duration`: a p99 needs more samples than a throughput figure. Each is run
 //! `--latency-repeats` times and the run with the median p99 is shown, with the range of all:
-//! one stall of the disk or of a shared core moves a single run's p99 by 2-3x.
+//! one stall of the disk or of a shared core moves a single run's p99 by 2-3x. Before the peers
+//! start and after the last run, a 10 s steadiness probe (`crate::steadiness`) spins a thread
+//! per core and counts the 10 ms slices that got far less done than the fastest: the tables
+//! say how steadily the host ran the cores while they were measured.
 //!
 //! A system's maximum depends on how many messages may be in flight: with too small a window
 //! the load generator waits on latency while the CPU idles. Each throughput point (pairs,
@@ -34,9 +37,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::bench_sign::rewrite_section;
+use crate::steadiness::{self, Steadiness};
 use crate::{status, workspace_root};
 
 const START: &str = "<!-- bench-peers:start -->";
+/// How long each steadiness probe spins (one before the peers start, one after the last run).
+const STEADINESS_SECS: u64 = 10;
 const END: &str = "<!-- bench-peers:end -->";
 
 const CHAT_PLAIN: &str = "127.0.0.1:19080";
@@ -774,6 +780,12 @@ fn measure(
     peers: &mut Peers,
     started: Instant,
 ) -> Result<()> {
+    // Before any peer runs: how steadily the cores run on their own (see `steadiness`).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!(
+        "xtask: how steadily the cores run: {cores} spinning threads for {STEADINESS_SECS} s"
+    );
+    let steady_start = steadiness::probe(cores, Duration::from_secs(STEADINESS_SECS));
     let systems = start_peers(work, chatctl, server, synapse, peers)?;
     let load_start = crate_load();
     let common = ["--duration", opts.duration.as_str()];
@@ -837,13 +849,16 @@ fn measure(
         results.push(r);
     }
     let raw = raw.context("no chat-server to measure `--raw` on")?;
+    let load_end = crate_load();
+    eprintln!("xtask: how steadily the cores run, again at the end");
+    let steady_end = steadiness::probe(cores, Duration::from_secs(STEADINESS_SECS));
     let section = render(
         opts,
         &systems,
         &results,
         &raw,
-        load_start,
-        crate_load(),
+        [load_start, load_end],
+        [&steady_start, &steady_end],
         started.elapsed(),
     );
     println!("{section}");
@@ -986,8 +1001,8 @@ fn render(
     systems: &[System],
     results: &[Results],
     raw: &[Run; 2],
-    load_start: f64,
-    load_end: f64,
+    [load_start, load_end]: [f64; 2],
+    [steady_start, steady_end]: [&Steadiness; 2],
     took: Duration,
 ) -> String {
     let (names, rule) = ratio_header();
@@ -1248,6 +1263,17 @@ fn render(
     if let Some(text) = e2e_ceiling(&chat.max, cores, nats.max.msgs_per_sec) {
         let _ = writeln!(md, "\n{text}");
     }
+    let _ = writeln!(
+        md,
+        "\n**How steadily this machine's cores ran** (`cargo xtask steadiness`: one thread \
+         spinning per core, the work each 10 ms slice got done against the fastest slice; \
+         alone, before the peers started and after the last run): at the start {}; at the end \
+         {}. A shared host slows every core at once in such stretches, and a system kept \
+         70-80% busy falls behind in them, whichever it is: read a p99 at 50% beside the \
+         peers' and the relay's.",
+        steady_start.describe(),
+        steady_end.describe()
+    );
 
     let failed = systems
         .iter()

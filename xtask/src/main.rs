@@ -6,12 +6,14 @@
 //! - `wasm`: chat_core.wasm and its JS glue for the browser;
 //! - `bench-wasm`: chat-core natively (criterion) against the same operations in wasm (Node.js);
 //! - `bench-cluster`: `chatctl up` against Docker Compose, and cross-instance delivery latency;
-//! - `bench-peers`: chat-server beside NATS, ejabberd and a bare relay, same load generator.
+//! - `bench-peers`: chat-server beside NATS, ejabberd and a bare relay, same load generator;
+//! - `steadiness`: how steadily the machine's cores run (a shared host slows them in stretches).
 
 mod bench_cluster;
 mod bench_peers;
 mod bench_sign;
 mod bench_wasm;
+mod steadiness;
 mod wasm;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +53,7 @@ fn run() -> Result<()> {
         Some("bench-wasm") => bench_wasm::run(&args[1..]),
         Some("bench-peers") => bench_peers::run(&args[1..]),
         Some("bench-cluster") => bench_cluster::run(&args[1..]),
+        Some("steadiness") => steadiness::run(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -61,7 +64,8 @@ fn run() -> Result<()> {
                  wasm         build chat_core.wasm + chat_core.js into --out DIR\n  \
                  bench-wasm   chat-core natively vs in wasm under Node.js; writes docs/BENCHMARKS.md\n  \
                  bench-cluster  chatctl up vs docker compose, cross-instance latency (--runs N)\n  \
-                 bench-peers  chat-server vs NATS, ejabberd, Synapse and a bare relay; writes docs/BENCHMARKS.md"
+                 bench-peers  chat-server vs NATS, ejabberd, Synapse and a bare relay; writes docs/BENCHMARKS.md\n  \
+                 steadiness   spin a thread per core, count slow 10 ms slices (--seconds N, --threads N)"
             );
             bail!("unknown or missing task");
         }
