@@ -19,7 +19,7 @@
 //! `--latency-repeats` times and the run with the median p99 is shown, with the range of all:
 //! one stall of the disk or of a shared core moves a single run's p99 by 2-3x. Before the peers
 //! start and after the last run, a 10 s steadiness probe (`crate::steadiness`) spins a thread
-//! per core and counts the 10 ms slices that got far less done than the fastest: the tables
+//! per core and counts the 10 ms slices that got far less done than a fast one: the tables
 //! say how steadily the host ran the cores while they were measured.
 //!
 //! A system's maximum depends on how many messages may be in flight: with too small a window
@@ -1266,7 +1266,7 @@ fn render(
     let _ = writeln!(
         md,
         "\n**How steadily this machine's cores ran** (`cargo xtask steadiness`: one thread \
-         spinning per core, the work each 10 ms slice got done against the fastest slice; \
+         spinning per core, the work each 10 ms slice got done against a fast slice; \
          alone, before the peers started and after the last run): at the start {}; at the end \
          {}. A shared host slows every core at once in such stretches, and a system kept \
          70-80% busy falls behind in them, whichever it is: read a p99 at 50% beside the \

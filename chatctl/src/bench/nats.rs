@@ -114,7 +114,7 @@ impl NatsConn {
                 Ok(None) => bail!("nats-server closed the connection"),
                 Ok(Some(m)) => m.context("NATS connection error")?,
             };
-            // What is left unparsed is at most one message: the move is short.
+            // What is left unparsed is one cut message at most: the move is short.
             self.buf.drain(..self.parsed);
             self.parsed = 0;
             match message {
