@@ -41,9 +41,9 @@ use crate::steadiness::{self, Steadiness};
 use crate::{status, workspace_root};
 
 const START: &str = "<!-- bench-peers:start -->";
+const END: &str = "<!-- bench-peers:end -->";
 /// How long each steadiness probe spins (one before the peers start, one after the last run).
 const STEADINESS_SECS: u64 = 10;
-const END: &str = "<!-- bench-peers:end -->";
 
 const CHAT_PLAIN: &str = "127.0.0.1:19080";
 const CHAT_TLS: &str = "localhost:19443";
@@ -1268,9 +1268,9 @@ fn render(
         "\n**How steadily this machine's cores ran** (`cargo xtask steadiness`: one thread \
          spinning per core, the work each 10 ms slice got done against a fast slice; \
          alone, before the peers started and after the last run): at the start {}; at the end \
-         {}. A shared host slows every core at once in such stretches, and a system kept \
-         70-80% busy falls behind in them, whichever it is: read a p99 at 50% beside the \
-         peers' and the relay's.",
+         {}. Where a shared host slows every core at once in stretches, a system kept 70-80% \
+         busy falls behind in them, whichever it is: read a p99 at 50% beside the peers' and \
+         the relay's.",
         steady_start.describe(),
         steady_end.describe()
     );

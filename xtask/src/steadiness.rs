@@ -5,8 +5,9 @@
 //! shared host (a virtual machine whose cores the host also gives to others, or slows down),
 //! stretches of slices get far less done, on every core at once. A system kept 70-80% busy
 //! falls behind in such a stretch, whatever the system is, and its p99 grows: session 24's
-//! machine ran at 8-75% of its speed for 100-300 ms every 1.2-1.5 s, and NATS and the bare
-//! relay missed 5 ms at half their maximum there as chat-server did (docs/BENCHMARKS.md).
+//! machine ran its cores at 8-77% of their speed for 20-310 ms, a stretch every 0.9-1.5 s, and
+//! NATS and the bare relay missed 5 ms at half their maximum there as chat-server did
+//! (docs/BENCHMARKS.md).
 //! `cargo xtask bench-peers` probes before and after its runs and prints what it found under
 //! the tables; `cargo xtask steadiness` probes alone.
 
