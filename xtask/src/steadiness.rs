@@ -140,11 +140,12 @@ impl Steadiness {
             0.0
         };
         format!(
-            "{:.1}% of {} slices of 10 ms got under {:.0}% of a fast slice's work done (the \
+            "{:.1}% of {} slices of {} ms got under {:.0}% of a fast slice's work done (the \
              90th percentile), {:.1}% of the work lost in all, {} slow stretches, the longest \
              {:.0} ms ({} spinning threads, {:.0} s)",
             slow_pct,
             self.slices,
+            SLICE.as_millis(),
             SLOW * 100.0,
             self.lost_pct,
             self.stretches,
